@@ -1,0 +1,2 @@
+// Placeholder translation unit of the kernels library (device dispatch lives here).
+namespace ulysses {}
