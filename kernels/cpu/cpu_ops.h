@@ -94,3 +94,27 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
 double sum_squares(const float* x, int64_t n);
 
 }  // namespace ulysses::cpu
+
+// ---- Ulysses layout transforms (the pack/unpack around the two all-to-alls) -------------------
+// Section owned by the sequence-parallel code (comm/ulysses.*); kept here so every op has its
+// signature in this header. P peers, T = N/P local tokens, d head dim. A "head map" is, for each
+// peer p, the list of head indices heads[head_offsets[p] .. head_offsets[p+1]) it takes.
+namespace ulysses::cpu {
+
+// Gather heads per peer: src [B, T, Htot, d] -> dst = P blocks one after another, block p is
+// [B, T, n_p, d] with the heads heads[head_offsets[p] + j], j < n_p.
+void ulysses_pack_heads(float* dst, const float* src, const int32_t* heads,
+                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d);
+// The reverse: P blocks as above -> dst [B, T, Htot, d]. With accumulate, dst[.., heads[j], ..]
+// += block values (a head listed for several peers sums their contributions: the backward of a
+// replicated key/value head); without, it is assigned (each head must then be listed once).
+void ulysses_unpack_heads(float* dst, const float* src, const int32_t* heads,
+                          const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
+                          bool accumulate);
+// Split the sequence: src [B, P*T, h, d] -> P blocks, block s = [B, T, h, d] holding tokens
+// [s*T, (s+1)*T).
+void ulysses_pack_sequence(float* dst, const float* src, int P, int B, int T, int h, int d);
+// Gather the sequence: P blocks [B, T, h, d] (block s from peer s) -> dst [B, P*T, h, d].
+void ulysses_unpack_sequence(float* dst, const float* src, int P, int B, int T, int h, int d);
+
+}  // namespace ulysses::cpu
