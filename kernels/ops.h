@@ -1,0 +1,60 @@
+// The op interface the model calls: one function per op, on Tensor views. The tensors' device
+// picks the implementation (kernels/cpu/*.cpp, fp32 reference; kernels/cuda/*.cu, bf16), so the
+// model code never asks which backend it runs on. Semantics, layouts and the gradient
+// conventions (parameter and activation gradients accumulate, forward outputs overwrite) are
+// those documented in kernels/cpu/cpu_ops.h; shapes are checked here.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace ulysses::ops {
+
+// Per-device execution state (CUDA stream, cuBLASLt handle and workspace on cuda; nothing on cpu).
+struct Context {
+  Device device = Device::cpu;
+  void* cuda_stream = nullptr;  // cudaStream_t
+  void* cuda_state = nullptr;   // backend-owned (cuBLASLt handle, workspace, heuristics cache)
+};
+
+// out [R, C] = wte[tokens] + wpe[positions]; wpe empty with rotary positions. tokens, positions: [R]
+void embedding_forward(Context& ctx, Tensor out, Tensor tokens, Tensor positions, Tensor wte, Tensor wpe);
+void embedding_backward(Context& ctx, Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens, Tensor positions);
+
+// out, inp [R, C]; mean, rstd [R]; weight, bias [C]
+void layernorm_forward(Context& ctx, Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight, Tensor bias);
+void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                        Tensor weight, Tensor mean, Tensor rstd);
+
+// out [M, OC] = inp [M, IC] · weight [OC, IC]^T + bias [OC] (bias may be empty)
+void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias);
+// dinp, dweight, dbias may be empty (not needed); all accumulate.
+void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight);
+
+void gelu_forward(Context& ctx, Tensor out, Tensor inp);
+void gelu_backward(Context& ctx, Tensor dinp, Tensor inp, Tensor dout);
+void residual_forward(Context& ctx, Tensor out, Tensor a, Tensor b);
+
+// x: the packed qkv [R, Htot, d]; rotates heads [head_begin, head_begin + n_heads) in place.
+void rope_forward(Context& ctx, Tensor x, int head_begin, int n_heads, Tensor positions, float base);
+void rope_backward(Context& ctx, Tensor dx, int head_begin, int n_heads, Tensor positions, float base);
+
+// qkv [B, N, Hq + 2 Hkv, d] -> out [B, N, Hq, d], lse [B, Hq, N]; causal.
+void attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv, int Hq, int Hkv);
+void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int Hq, int Hkv);
+
+// logits [R, Vp] (gradient in place), losses [R], targets [R]; V real columns.
+void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets, int V, float grad_scale);
+
+void adamw_update(Context& ctx, Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, float grad_scale, int t);
+double sum_squares(Context& ctx, Tensor x);  // returns to the host (syncs on cuda)
+
+// Ulysses layout transforms (see cpu_ops.h); heads/head_offsets live on the host for cpu.
+void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P);
+void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
+                          int P, bool accumulate);
+void ulysses_pack_sequence(Context& ctx, Tensor dst, Tensor src, int P);
+void ulysses_unpack_sequence(Context& ctx, Tensor dst, Tensor src, int P);
+
+}  // namespace ulysses::ops
