@@ -1,0 +1,401 @@
+// `ulysses check` (comm/comm_check.h): builds the DP × SP process groups for the configured
+// sequence-parallel size on the backend the config resolves to, runs every collective on every
+// group (world, sequence, data) with known per-rank data, checks each result against what it
+// must be, and prints on rank 0 the ranks, hosts, devices, group layout and a table of
+// collective × group → OK/FAILED and bytes sent (summed over all ranks).
+//
+// Known data: rank r's element i is v(r, i), a small integer, so sums over thousands of ranks
+// are exact in f32 and any wrong block, offset or peer shows up as a wrong value.
+#include "comm/comm_check.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <mpi.h>
+#include <spdlog/spdlog.h>
+
+#include "comm/comm_util.h"
+#include "comm/groups.h"
+#include "core/error.h"
+
+namespace ulysses {
+
+namespace {
+
+float known_value(int rank, size_t i) {
+  return float(int((uint64_t(rank) * 7919 + uint64_t(i) * 31) % 4093) - 2046);
+}
+
+// Buffers in the memory the communicator works on: host for MPI, device for NCCL.
+class CheckMemory {
+ public:
+  explicit CheckMemory(bool on_device) : on_device_(on_device) {}
+  CheckMemory(const CheckMemory&) = delete;
+  CheckMemory& operator=(const CheckMemory&) = delete;
+  ~CheckMemory() {
+    for (void* p : owned_) release(p);
+  }
+  // A buffer holding `values` (its size in elements is values.size()).
+  template <typename T>
+  void* make(const std::vector<T>& values) {
+    void* p = allocate(std::max<size_t>(1, values.size()) * sizeof(T));
+    put(p, values.data(), values.size() * sizeof(T));
+    return p;
+  }
+  template <typename T>
+  std::vector<T> read(const void* p, size_t count) {
+    std::vector<T> out(count);
+    get(out.data(), p, count * sizeof(T));
+    return out;
+  }
+
+ private:
+  void* allocate(size_t bytes) {
+    void* p = nullptr;
+    if (on_device_) {
+#ifdef ULYSSES_CUDA
+      ULYSSES_COMM_CUDA_CHECK(cudaMalloc(&p, bytes));
+#endif
+    } else {
+      p = ::operator new(bytes);
+    }
+    owned_.push_back(p);
+    return p;
+  }
+  void put(void* dst, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+#ifdef ULYSSES_CUDA
+    if (on_device_) {
+      ULYSSES_COMM_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+      return;
+    }
+#endif
+    std::memcpy(dst, src, bytes);
+  }
+  void get(void* dst, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+#ifdef ULYSSES_CUDA
+    if (on_device_) {
+      ULYSSES_COMM_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+      return;
+    }
+#endif
+    std::memcpy(dst, src, bytes);
+  }
+  void release(void* p) {
+#ifdef ULYSSES_CUDA
+    if (on_device_) {
+      (void)cudaFree(p);
+      return;
+    }
+#endif
+    ::operator delete(p);
+  }
+  bool on_device_;
+  std::vector<void*> owned_;
+};
+
+bool close(const std::vector<float>& got, const std::vector<float>& want) {
+  if (got.size() != want.size()) return false;
+  for (size_t i = 0; i < got.size(); i++)
+    if (!(std::fabs(got[i] - want[i]) <= 1e-5f * std::max(1.0f, std::fabs(want[i])))) return false;
+  return true;
+}
+
+// One collective on one group: runs it with known data and says whether the result is right.
+// Every rank of the group runs the same case with the same sizes.
+using CheckCase = std::function<bool(Communicator&, CheckMemory&)>;
+
+struct NamedCase {
+  const char* name;
+  CheckCase run;
+};
+
+std::vector<NamedCase> check_cases(const std::vector<int>& expected_members) {
+  const size_t n = 1027;  // elements per block: odd, so block offsets are not all aligned
+  std::vector<NamedCase> cases;
+  cases.push_back({"all_to_all", [n](Communicator& c, CheckMemory& m) {
+    const int p = c.size(), r = c.rank();
+    std::vector<float> send(size_t(p) * n), want(size_t(p) * n);
+    for (size_t i = 0; i < send.size(); i++) send[i] = known_value(r, i);
+    for (int src = 0; src < p; src++)  // block src of recv = block r of src's send
+      for (size_t k = 0; k < n; k++) want[size_t(src) * n + k] = known_value(src, size_t(r) * n + k);
+    void* s = m.make(send);
+    void* d = m.make(std::vector<float>(want.size(), -9999.0f));
+    c.all_to_all(s, d, n, DType::f32);
+    c.synchronize();
+    return close(m.read<float>(d, want.size()), want);
+  }});
+  cases.push_back({"all_to_allv", [](Communicator& c, CheckMemory& m) {
+    // Rank a sends ((a + b) % 3) * 257 elements to rank b: some pairs send nothing.
+    const int p = c.size(), r = c.rank();
+    auto pair_count = [](int a, int b) { return size_t((a + b) % 3) * 257; };
+    const size_t np = static_cast<size_t>(p);
+    std::vector<size_t> sc(np), sd(np), rc(np), rd(np);
+    size_t send_total = 0, recv_total = 0;
+    for (int j = 0; j < p; j++) {
+      sc[size_t(j)] = pair_count(r, j), sd[size_t(j)] = send_total, send_total += sc[size_t(j)];
+      rc[size_t(j)] = pair_count(j, r), rd[size_t(j)] = recv_total, recv_total += rc[size_t(j)];
+    }
+    std::vector<float> send(send_total), want(recv_total);
+    for (size_t i = 0; i < send_total; i++) send[i] = known_value(r, i);
+    for (int src = 0; src < p; src++) {
+      size_t src_displ = 0;  // where src's block for r starts in src's send buffer
+      for (int j = 0; j < r; j++) src_displ += pair_count(src, j);
+      for (size_t k = 0; k < rc[size_t(src)]; k++)
+        want[rd[size_t(src)] + k] = known_value(src, src_displ + k);
+    }
+    void* s = m.make(send);
+    void* d = m.make(std::vector<float>(recv_total, -9999.0f));
+    c.all_to_allv(s, sc.data(), sd.data(), d, rc.data(), rd.data(), DType::f32);
+    c.synchronize();
+    return close(m.read<float>(d, recv_total), want);
+  }});
+  auto reduce_case = [n](ReduceOp op, bool in_place) {
+    return [n, op, in_place](Communicator& c, CheckMemory& m) {
+      const int p = c.size(), r = c.rank();
+      std::vector<float> send(n), want(n);
+      for (size_t i = 0; i < n; i++) {
+        send[i] = known_value(r, i);
+        float acc = op == ReduceOp::max ? -1e30f : 0.0f;
+        for (int q = 0; q < p; q++)
+          acc = op == ReduceOp::max ? std::max(acc, known_value(q, i)) : acc + known_value(q, i);
+        want[i] = op == ReduceOp::avg ? acc / float(p) : acc;
+      }
+      void* s = m.make(send);
+      void* d = in_place ? s : m.make(std::vector<float>(n, -9999.0f));
+      c.all_reduce(s, d, n, DType::f32, op);
+      c.synchronize();
+      return close(m.read<float>(d, n), want);
+    };
+  };
+  cases.push_back({"all_reduce sum", reduce_case(ReduceOp::sum, false)});
+  cases.push_back({"all_reduce avg (in place)", reduce_case(ReduceOp::avg, true)});
+  cases.push_back({"all_reduce max", reduce_case(ReduceOp::max, false)});
+  cases.push_back({"reduce_scatter sum", [n](Communicator& c, CheckMemory& m) {
+    const int p = c.size(), r = c.rank();
+    std::vector<float> send(size_t(p) * n), want(n, 0.0f);
+    for (size_t i = 0; i < send.size(); i++) send[i] = known_value(r, i);
+    for (int q = 0; q < p; q++)
+      for (size_t k = 0; k < n; k++) want[k] += known_value(q, size_t(r) * n + k);
+    void* s = m.make(send);
+    void* d = m.make(std::vector<float>(n, -9999.0f));
+    c.reduce_scatter(s, d, n, DType::f32, ReduceOp::sum);
+    c.synchronize();
+    return close(m.read<float>(d, n), want);
+  }});
+  cases.push_back({"all_gather", [n](Communicator& c, CheckMemory& m) {
+    const int p = c.size(), r = c.rank();
+    std::vector<float> send(n), want(size_t(p) * n);
+    for (size_t k = 0; k < n; k++) send[k] = known_value(r, k);
+    for (int q = 0; q < p; q++)
+      for (size_t k = 0; k < n; k++) want[size_t(q) * n + k] = known_value(q, k);
+    void* s = m.make(send);
+    void* d = m.make(std::vector<float>(want.size(), -9999.0f));
+    c.all_gather(s, d, n, DType::f32);
+    c.synchronize();
+    return close(m.read<float>(d, want.size()), want);
+  }});
+  cases.push_back({"broadcast (root = last)", [n](Communicator& c, CheckMemory& m) {
+    const int root = c.size() - 1;
+    std::vector<float> buf(n, -9999.0f), want(n);
+    for (size_t k = 0; k < n; k++) want[k] = known_value(root, k);
+    if (c.rank() == root) buf = want;
+    void* b = m.make(buf);
+    c.broadcast(b, n, DType::f32, root);
+    c.synchronize();
+    return close(m.read<float>(b, n), want);
+  }});
+  cases.push_back({"barrier", [](Communicator& c, CheckMemory&) {
+    c.barrier();
+    return true;
+  }});
+  // The group holds exactly the world ranks the layout says, in order (an i32 all_gather).
+  cases.push_back({"membership", [expected_members](Communicator& c, CheckMemory& m) {
+    int world_rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    void* s = m.make(std::vector<int32_t>{world_rank});
+    void* d = m.make(std::vector<int32_t>(size_t(c.size()), -1));
+    c.all_gather(s, d, 1, DType::i32);
+    c.synchronize();
+    std::vector<int32_t> got = m.read<int32_t>(d, size_t(c.size()));
+    return std::vector<int>(got.begin(), got.end()) == expected_members;
+  }});
+  return cases;
+}
+
+// auto: NCCL when the build has CUDA, the device is not forced to cpu and every rank sees a GPU;
+// MPI otherwise. Decided together (MPI_MIN of the GPU count) so that all ranks agree.
+CommBackend resolve_backend(const Config& cfg, int min_gpus_over_ranks) {
+  const std::string& b = cfg.parallel.backend;
+  const std::string& device = cfg.runtime.device;
+  if (b == "mpi") return CommBackend::mpi;
+  if (b == "nccl") {
+    if (device == "cpu")
+      throw_user_error("parallel.backend = nccl needs runtime.device = cuda or auto, got cpu");
+    if (min_gpus_over_ranks == 0)
+      throw_user_error("parallel.backend = nccl but some rank sees no CUDA device{}",
+                       cuda_device_count() == 0 && min_gpus_over_ranks == 0
+                           ? " (or ulysses was built without CUDA)"
+                           : "");
+    return CommBackend::nccl;
+  }
+  if (b != "auto")
+    throw_user_error("parallel.backend: expected auto, mpi or nccl, got '{}'", b);
+  return (device != "cpu" && min_gpus_over_ranks > 0) ? CommBackend::nccl : CommBackend::mpi;
+}
+
+std::string human_bytes(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = double(bytes);
+  int u = 0;
+  while (v >= 1024.0 && u < 4) v /= 1024.0, u++;
+  return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, units[u]);
+}
+
+std::string join_ranks(const std::vector<int>& ranks) {
+  std::string out;
+  for (size_t i = 0; i < ranks.size(); i++) {
+    if (i == 8 && ranks.size() > 10) {
+      out += fmt::format(", ... ({} more)", ranks.size() - i);
+      break;
+    }
+    out += (i ? ", " : "") + std::to_string(ranks[i]);
+  }
+  return "{" + out + "}";
+}
+
+std::vector<int> sequence_members(int group, int P) {
+  std::vector<int> m;
+  for (int i = 0; i < P; i++) m.push_back(group * P + i);
+  return m;
+}
+std::vector<int> data_members(int sp_rank, int P, int DP) {
+  std::vector<int> m;
+  for (int i = 0; i < DP; i++) m.push_back(sp_rank + i * P);
+  return m;
+}
+
+struct RankInfo {
+  char host[MPI_MAX_PROCESSOR_NAME];
+  int local_rank, local_size, device, sp_rank, dp_rank;
+};
+
+}  // namespace
+
+int run_comm_check(const Config& cfg, MpiRuntime& mpi) {
+  const bool leader = mpi.world_rank == 0;
+  int gpus = cuda_device_count(), min_gpus = 0;
+  ULYSSES_MPI_CHECK(MPI_Allreduce(&gpus, &min_gpus, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  const CommBackend backend = resolve_backend(cfg, min_gpus);
+  const int device = backend == CommBackend::nccl ? select_cuda_device(mpi, false) : -1;
+  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, backend);
+  const int P = groups.sp_size, DP = groups.dp_size;
+
+  // Who is where: one RankInfo per rank, gathered on rank 0.
+  RankInfo mine{};
+  std::snprintf(mine.host, sizeof(mine.host), "%s", mpi.hostname.c_str());
+  mine.local_rank = mpi.local_rank, mine.local_size = mpi.local_size, mine.device = device;
+  mine.sp_rank = groups.sp_rank, mine.dp_rank = groups.dp_rank;
+  std::vector<RankInfo> all(leader ? size_t(mpi.world_size) : 0);
+  ULYSSES_MPI_CHECK(MPI_Gather(&mine, int(sizeof(RankInfo)), MPI_BYTE, all.data(),
+                               int(sizeof(RankInfo)), MPI_BYTE, 0, MPI_COMM_WORLD));
+  if (leader) {
+    std::set<std::string> hosts;
+    for (const RankInfo& ri : all) hosts.insert(ri.host);
+    std::string host_list;
+    for (const std::string& h : hosts) host_list += (host_list.empty() ? "" : ", ") + h;
+    spdlog::info("check: {} rank(s) on {} host(s) [{}], backend {}", mpi.world_size, hosts.size(),
+                 host_list, comm_backend_name(backend));
+    spdlog::info("  {:>5}  {:<20} {:>7}  {:>6}  {:>7}  {:>7}", "rank", "host", "local", "device",
+                 "sp_rank", "dp_rank");
+    const size_t shown = std::min<size_t>(all.size(), 64);
+    for (size_t r = 0; r < shown; r++) {
+      const RankInfo& ri = all[r];
+      spdlog::info("  {:>5}  {:<20} {:>7}  {:>6}  {:>7}  {:>7}", r, ri.host,
+                   fmt::format("{}/{}", ri.local_rank, ri.local_size),
+                   ri.device < 0 ? std::string("cpu") : fmt::format("cuda:{}", ri.device),
+                   ri.sp_rank, ri.dp_rank);
+    }
+    if (shown < all.size()) spdlog::info("  ... {} more rank(s)", all.size() - shown);
+    spdlog::info("layout: sequence parallel P = {} x data parallel DP = {}", P, DP);
+    for (int g = 0; g < std::min(DP, 16); g++)
+      spdlog::info("  sequence[{}] = {}", g, join_ranks(sequence_members(g, P)));
+    if (DP > 16) spdlog::info("  ... {} more sequence group(s)", DP - 16);
+    for (int s = 0; s < std::min(P, 16); s++)
+      spdlog::info("  data[{}] = {}", s, join_ranks(data_members(s, P, DP)));
+    if (P > 16) spdlog::info("  ... {} more data group(s)", P - 16);
+  }
+
+  // Every case on every group. ok[g][c] is this rank's verdict; the world takes the minimum.
+  std::vector<int> world_members(size_t(mpi.world_size));
+  for (int i = 0; i < mpi.world_size; i++) world_members[size_t(i)] = i;
+  struct GroupUnderTest {
+    const char* kind;
+    Communicator* comm;
+    std::vector<int> members;
+  };
+  std::vector<GroupUnderTest> under_test = {
+      {"world", groups.world.get(), world_members},
+      {"sequence", groups.sequence.get(), sequence_members(groups.dp_rank, P)},
+      {"data", groups.data.get(), data_members(groups.sp_rank, P, DP)},
+  };
+  const size_t n_cases = check_cases({}).size();
+  std::vector<int> ok(under_test.size() * n_cases, 0);
+  std::vector<unsigned long long> bytes(ok.size(), 0);
+  CheckMemory memory(backend == CommBackend::nccl);
+  for (size_t g = 0; g < under_test.size(); g++) {
+    Communicator& c = *under_test[g].comm;
+    std::vector<NamedCase> cases = check_cases(under_test[g].members);
+    for (size_t k = 0; k < cases.size(); k++) {
+      const uint64_t before = c.counters().total_bytes_sent();
+      try {
+        ok[g * n_cases + k] = cases[k].run(c, memory) ? 1 : 0;
+      } catch (const std::exception& e) {
+        // A collective that threw may leave the group's other ranks waiting inside it: end the
+        // whole job rather than hang.
+        spdlog::error("check: rank {}: {} on group '{}' threw: {}", mpi.world_rank, cases[k].name,
+                      c.name(), e.what());
+        mpi.abort(1);
+      }
+      bytes[g * n_cases + k] = c.counters().total_bytes_sent() - before;
+      if (!ok[g * n_cases + k])
+        spdlog::error("check: rank {}: {} on group '{}' gave wrong values", mpi.world_rank,
+                      cases[k].name, c.name());
+    }
+  }
+  std::vector<int> ok_all(ok.size(), 0);
+  std::vector<unsigned long long> bytes_all(bytes.size(), 0);
+  ULYSSES_MPI_CHECK(MPI_Allreduce(ok.data(), ok_all.data(), int(ok.size()), MPI_INT, MPI_MIN,
+                                  MPI_COMM_WORLD));
+  ULYSSES_MPI_CHECK(MPI_Reduce(bytes.data(), bytes_all.data(), int(bytes.size()),
+                               MPI_UNSIGNED_LONG_LONG, MPI_SUM, 0, MPI_COMM_WORLD));
+  const int passed = int(std::count(ok_all.begin(), ok_all.end(), 1));
+  const int total = int(ok_all.size());
+  if (leader) {
+    std::vector<NamedCase> names = check_cases({});
+    spdlog::info("collectives (bytes sent, summed over ranks):");
+    spdlog::info("  {:<26} {:<20} {:<20} {:<20}", "", "world", "sequence", "data");
+    for (size_t k = 0; k < n_cases; k++) {
+      std::string row = fmt::format("  {:<26}", names[k].name);
+      for (size_t g = 0; g < under_test.size(); g++) {
+        const size_t i = g * n_cases + k;
+        row += fmt::format(" {:<20}", fmt::format("{} {}", ok_all[i] ? "OK" : "FAILED",
+                                                  human_bytes(bytes_all[i])));
+      }
+      spdlog::info("{}", row);
+    }
+    if (passed == total)
+      spdlog::info("check: all {} collective checks passed on {} rank(s)", total, mpi.world_size);
+    else
+      spdlog::error("check: {} of {} collective checks FAILED", total - passed, total);
+  }
+  return passed == total ? 0 : 1;
+}
+
+}  // namespace ulysses
