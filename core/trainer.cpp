@@ -1,11 +1,277 @@
+// The training loop (see core/trainer.h). One optimizer step:
+//   for each of `accum` micro-batches: forward, fused LM head + loss, backward (grads accumulate
+//   as the gradient of the summed loss over this rank's tokens)
+//   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world
+//   grad_norm = |g| / tokens; clip; AdamW with grad_scale = clip / tokens
 #include "core/trainer.h"
 
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "comm/groups.h"
+#include "core/checkpoint.h"
+#include "core/data.h"
 #include "core/error.h"
+#include "core/gpt.h"
+#include "core/metrics.h"
+#include "core/optimizer.h"
+#include "core/tokenizer.h"
 
 namespace ulysses {
 
-int run_train(const Config&, MpiRuntime&) {
-  throw UserError("ulysses train: the trainer is not built yet");
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+Device resolve_device(const RuntimeConfig& r) {
+  if (r.device == "cuda")
+    throw_user_error(
+        "runtime.device: cuda: the CUDA kernels are built, but the model's CUDA path is not wired into the "
+        "trainer yet; use runtime.device: cpu (or auto)");
+  return Device::cpu;
+}
+
+int threads_per_rank(const RuntimeConfig& r, const MpiRuntime& mpi) {
+  if (r.threads > 0) return r.threads;
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, cores / std::max(1, mpi.local_size));
+}
+
+std::string format_duration(double seconds) {
+  const int64_t s = int64_t(seconds + 0.5);
+  return s >= 3600 ? fmt::format("{}:{:02d}:{:02d}", s / 3600, (s / 60) % 60, s % 60)
+                   : fmt::format("{}:{:02d}", s / 60, s % 60);
+}
+
+// Mean validation loss over eval_steps micro-batches from the start of the split.
+double evaluate(GPT& model, DataLoader& val, int steps, Communicator& world, std::vector<int32_t>& tok,
+                std::vector<int32_t>& tgt, std::vector<int32_t>& pos) {
+  val.reset();
+  double sums[2] = {0, 0};  // loss sum, token count
+  for (int i = 0; i < steps; ++i) {
+    val.next(tok.data(), tgt.data(), pos.data());
+    int64_t count = 0;
+    sums[0] += model.forward_loss(tok.data(), tgt.data(), pos.data(), &count);
+    sums[1] += double(count);
+  }
+  world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+
+// Generates `n` tokens with a P = 1 copy of the model that shares the trained parameters.
+std::string sample(const Config& cfg, GPT& trained, Tokenizer& tok) {
+  const int window = cfg.model.rope() ? cfg.train.seq_len : std::min(cfg.train.seq_len, cfg.model.max_seq_len);
+  GPT sampler(cfg.model, {1, window, 1, 0}, Device::cpu, nullptr, &trained);
+  const int V = cfg.model.vocab_size, Vp = cfg.model.padded_vocab_size();
+  std::vector<int32_t> context = {tok.eot_token() >= 0 ? tok.eot_token() : int32_t('\n')};
+  const size_t W = static_cast<size_t>(window);
+  std::vector<int32_t> tokens(W, 0), positions(W);
+  for (int i = 0; i < window; ++i) positions[size_t(i)] = i;
+  std::vector<float> logits(static_cast<size_t>(Vp));
+  std::mt19937_64 rng(cfg.train.seed + 1);
+  std::vector<int32_t> generated;
+  for (int i = 0; i < cfg.train.sample_tokens; ++i) {
+    const size_t len = std::min(context.size(), size_t(window));
+    std::copy(context.end() - std::ptrdiff_t(len), context.end(), tokens.begin());
+    sampler.forward_logits(tokens.data(), positions.data(), int64_t(len) - 1, logits.data());
+    // softmax with temperature over the real vocabulary, then an inverse-CDF draw
+    const double temp = std::max(1e-4, cfg.train.sample_temperature);
+    double maxv = -1e30;
+    for (int v = 0; v < V; ++v) maxv = std::max(maxv, double(logits[size_t(v)]));
+    double total = 0;
+    std::vector<double> p(static_cast<size_t>(V));
+    for (int v = 0; v < V; ++v) total += p[size_t(v)] = std::exp((logits[size_t(v)] - maxv) / temp);
+    const double u = (double(rng() >> 11) * (1.0 / 9007199254740992.0)) * total;
+    double acc = 0;
+    int32_t next = V - 1;
+    for (int v = 0; v < V; ++v)
+      if ((acc += p[size_t(v)]) > u) {
+        next = v;
+        break;
+      }
+    context.push_back(next);
+    generated.push_back(next);
+  }
+  return tok.decode(generated);
+}
+
+}  // namespace
+
+int run_train(const Config& cfg, MpiRuntime& mpi) {
+  validate_for_world(cfg, mpi.world_size);
+  const Device device = resolve_device(cfg.runtime);
+  omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
+
+  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
+  Communicator& world = *groups.world;
+  const int P = groups.sp_size, DP = groups.dp_size;
+  const int B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
+  const int64_t tokens_per_micro = int64_t(B) * N * DP;  // one micro-step over all ranks
+  const int accum = cfg.train.global_batch_tokens > 0 ? int(cfg.train.global_batch_tokens / tokens_per_micro) : 1;
+  const int64_t tokens_per_step = tokens_per_micro * accum;
+
+  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens}, device, groups.sequence.get());
+  AdamW optimizer(cfg.train, model.shape(), device);
+  const GPTShape shape = model.shape();
+  const int64_t n_params = num_parameters(shape);
+
+  const DataSlice slice{groups.sp_rank, P, groups.dp_rank, DP};
+  DataLoader train_data(cfg.data, "train", B, N, slice, cfg.train.seed, cfg.model.vocab_size);
+  std::unique_ptr<DataLoader> val_data;
+  if (cfg.data.source == "synthetic" || !cfg.data.val.empty())
+    val_data = std::make_unique<DataLoader>(cfg.data, "val", B, N, slice, cfg.train.seed + 7, cfg.model.vocab_size);
+
+  // -- initial state: a checkpoint, or GPT-2 init from the seed (identical on every rank)
+  TrainState state;
+  const std::optional<std::string> resume = resolve_resume(cfg.checkpoint);
+  if (resume) {
+    if (mpi.world_rank == 0)
+      state = load_checkpoint(*resume, shape, model.params_flat().f32(), optimizer.m().f32(), optimizer.v().f32(),
+                              n_params);
+    // rank 0 read it; everybody gets the same bits
+    world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+    world.broadcast(optimizer.m().data, size_t(n_params), DType::f32, 0);
+    world.broadcast(optimizer.v().data, size_t(n_params), DType::f32, 0);
+    int64_t words[4] = {state.step, int64_t(state.data.epoch), int64_t(state.data.next_sequence),
+                        state.skipped_in_a_row};
+    world.broadcast(words, 4, DType::f64 /* 8-byte words */, 0);
+    state.step = int(words[0]);
+    state.data.epoch = uint64_t(words[1]);
+    state.data.next_sequence = uint64_t(words[2]);
+    state.skipped_in_a_row = int(words[3]);
+    train_data.restore(state.data);
+    spdlog::info("resumed from {} at step {}", *resume, state.step);
+  } else {
+    model.init_weights(cfg.train.seed);
+  }
+  state.world_size = mpi.world_size;
+  state.sequence_parallel = P;
+  state.zero_stage = cfg.parallel.zero_stage;
+
+  spdlog::info("model: {} layers, {} wide, {} heads ({} kv), vocab {} (padded {}), {} positions: {:.2f}M parameters",
+               shape.L, shape.C, shape.Hq, shape.Hkv, shape.V, shape.Vp, shape.rope ? "rotary" : "learned",
+               double(n_params) / 1e6);
+  spdlog::info("layout: {} ranks = DP {} x SP {}; micro-batch {} x {} tokens ({} per rank), {} micro-steps, "
+               "{} tokens per step; {} threads per rank",
+               mpi.world_size, DP, P, B, N, T, accum, tokens_per_step, omp_get_max_threads());
+  spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB, "
+               "activations {:.1f} MiB",
+               n_params * 4 / 1048576.0, n_params * 4 / 1048576.0, n_params * 8 / 1048576.0,
+               model.activation_bytes() / 1048576.0);
+
+  std::unique_ptr<MetricsWriter> metrics;
+  if (mpi.world_rank == 0 && !cfg.logging.metrics_file.empty())
+    metrics = std::make_unique<MetricsWriter>(cfg.logging.metrics_file, /*append=*/bool(resume));
+
+  const int64_t flops_token = flops_per_token(shape, N, /*causal_halved=*/true);
+  std::vector<int32_t> tok(size_t(B) * T), tgt(size_t(B) * T), pos(size_t(B) * T);
+  auto save = [&](int step) {
+    if (cfg.checkpoint.dir.empty()) return;
+    state.step = step;
+    state.data = train_data.state();
+    if (mpi.world_rank == 0) {
+      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(),
+                                               optimizer.m().f32(), optimizer.v().f32(), n_params);
+      spdlog::info("saved checkpoint {}", path);
+    }
+    world.barrier();
+  };
+
+  const auto run_start = Clock::now();
+  const int first_step = state.step;
+  double last_val = -1;
+  for (int step = state.step; step < cfg.train.max_steps; ++step) {
+    const auto t0 = Clock::now();
+    groups.world->counters().reset();
+    if (groups.sequence) groups.sequence->counters().reset();
+
+    model.zero_grad();
+    double sums[2] = {0, 0};  // loss sum, token count over this rank's micro-batches
+    for (int k = 0; k < accum; ++k) {
+      train_data.next(tok.data(), tgt.data(), pos.data());
+      int64_t count = 0;
+      sums[0] += model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
+      sums[1] += double(count);
+    }
+    // every rank holds the same parameters and saw different tokens: sum over DP × SP
+    world.all_reduce(model.grads_flat().data, model.grads_flat().data, size_t(n_params), DType::f32, ReduceOp::sum);
+    world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
+    const double tokens = std::max(1.0, sums[1]);
+    const double loss = sums[0] / tokens;
+    const double grad_norm = std::sqrt(ops::sum_squares(model.context(), model.grads_flat())) / tokens;
+    const double lr = learning_rate(cfg.train, step);
+
+    StepMetrics m;
+    m.step = step + 1;
+    m.loss = loss;
+    m.lr = lr;
+    m.grad_norm = grad_norm;
+    m.tokens = tokens_per_step;
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+      m.skipped = true;
+      state.skipped_in_a_row += 1;
+      spdlog::warn("step {}: non-finite loss ({}) or gradient norm ({}): update skipped ({} in a row)", step + 1, loss,
+                   grad_norm, state.skipped_in_a_row);
+      if (state.skipped_in_a_row >= cfg.train.max_skipped_steps)
+        throw UserError(fmt::format("{} consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps"
+                                    " = {}); stopping. The last checkpoint (if any) is intact.",
+                                    state.skipped_in_a_row, cfg.train.max_skipped_steps));
+    } else {
+      state.skipped_in_a_row = 0;
+      const double clip = cfg.train.grad_clip > 0 && grad_norm > cfg.train.grad_clip ? cfg.train.grad_clip / grad_norm : 1.0;
+      optimizer.update(model.context(), model.params_flat(), model.grads_flat(), float(lr), float(clip / tokens),
+                       step + 1);
+    }
+    m.step_ms = ms_since(t0);
+    m.tokens_per_second = double(tokens_per_step) / (m.step_ms / 1000.0);
+    m.tflops_per_rank = double(flops_token) * double(tokens_per_step) / mpi.world_size / (m.step_ms / 1000.0) / 1e12;
+    m.peak_memory_gib = peak_rss_gib();
+    m.comm = groups.world->counters();
+    if (groups.sequence)
+      for (size_t c = 0; c < m.comm.bytes_sent.size(); ++c) m.comm.bytes_sent[c] += groups.sequence->counters().bytes_sent[c];
+
+    const bool last = step + 1 == cfg.train.max_steps;
+    if (val_data && ((cfg.train.eval_interval > 0 && (step + 1) % cfg.train.eval_interval == 0) || last)) {
+      last_val = evaluate(model, *val_data, cfg.train.eval_steps, world, tok, tgt, pos);
+      m.val_loss = last_val;
+    }
+    if (metrics) metrics->write(m);
+    if ((step + 1) % std::max(1, cfg.logging.interval) == 0 || last) {
+      const double elapsed = ms_since(run_start) / 1000.0;
+      const double eta = elapsed / (step + 1 - first_step) * (cfg.train.max_steps - step - 1);
+      spdlog::info("step {:>5}/{} | loss {:.4f}{} | lr {:.2e} | norm {:.3f} | {:.1f} ms | {:.0f} tok/s | "
+                   "{:.3f} TFLOP/s/rank | {:.2f} GiB | ETA {}",
+                   step + 1, cfg.train.max_steps, loss, m.val_loss >= 0 ? fmt::format(" (val {:.4f})", m.val_loss) : "",
+                   lr, grad_norm, m.step_ms, m.tokens_per_second, m.tflops_per_rank, m.peak_memory_gib,
+                   format_duration(eta));
+    }
+    if (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0 && !last) save(step + 1);
+  }
+  if (first_step < cfg.train.max_steps) save(cfg.train.max_steps);
+
+  if (cfg.train.sample_tokens > 0 && mpi.world_rank == 0) {
+    std::unique_ptr<Tokenizer> tokenizer;
+    if (cfg.data.tokenizer == "gpt2")
+      tokenizer = std::make_unique<GPT2Tokenizer>(cfg.data.tokenizer_dir);
+    else
+      tokenizer = std::make_unique<ByteTokenizer>();
+    spdlog::info("sample ({} tokens, temperature {}):\n{}", cfg.train.sample_tokens, cfg.train.sample_temperature,
+                 sample(cfg, model, *tokenizer));
+  }
+  world.barrier();
+  return 0;
 }
 
 }  // namespace ulysses

@@ -2,6 +2,8 @@
 // CUDA kernel (bf16) for the tensors' device.
 #include "kernels/ops.h"
 
+#include <cstring>
+
 #include "core/error.h"
 #include "kernels/cpu/cpu_ops.h"
 
@@ -135,6 +137,11 @@ void adamw_update(Context& ctx, Tensor param, Tensor grad, Tensor m, Tensor v, f
 double sum_squares(Context& ctx, Tensor x) {
   ULYSSES_CPU_ONLY(ctx, "sum_squares");
   return cpu::sum_squares(cf(x), x.numel());
+}
+
+void fill_zero(Context& ctx, Tensor x) {
+  ULYSSES_CPU_ONLY(ctx, "fill_zero");
+  if (!x.empty()) std::memset(x.data, 0, x.bytes());
 }
 
 void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P) {

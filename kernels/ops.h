@@ -49,6 +49,7 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
 void adamw_update(Context& ctx, Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float grad_scale, int t);
 double sum_squares(Context& ctx, Tensor x);  // returns to the host (syncs on cuda)
+void fill_zero(Context& ctx, Tensor x);      // memset 0 on the tensor's device
 
 // Ulysses layout transforms (see cpu_ops.h); heads/head_offsets live on the host for cpu.
 void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P);

@@ -1,0 +1,35 @@
+// AdamW with decoupled weight decay (matrices and embeddings only), the learning-rate schedule
+// (linear warmup, then cosine / linear decay to lr * min_lr_ratio, or constant), and clipping by
+// global gradient norm. The state (m, v) lives in one arena the size of the parameters.
+#pragma once
+#include <cstdint>
+
+#include "core/arena.h"
+#include "core/config.h"
+#include "core/gpt.h"
+#include "kernels/ops.h"
+
+namespace ulysses {
+
+double learning_rate(const TrainConfig& t, int step);  // step counts from 0
+
+class AdamW {
+ public:
+  AdamW(const TrainConfig& cfg, const GPTShape& shape, Device device);
+
+  // One update. grads hold the SUM over the global batch of the per-token loss gradients;
+  // grad_scale (1 / token count, times the clip factor) turns them into the clipped mean.
+  // t: the optimizer step, from 1.
+  void update(ops::Context& ctx, Tensor params, Tensor grads, float lr, float grad_scale, int t);
+
+  Tensor m() const { return m_; }
+  Tensor v() const { return v_; }
+
+ private:
+  TrainConfig cfg_;
+  std::vector<ParameterSpec> specs_;
+  Arena arena_;
+  Tensor m_, v_;
+};
+
+}  // namespace ulysses
