@@ -66,6 +66,8 @@ class UlyssesAllToAll {
   void all_to_all_out_heads_to_seq(ops::Context& ctx, Tensor dout_full, Tensor dout_local);
 
   const UlyssesHeadPlan& plan() const { return plan_; }
+  // Tests corrupt the plan (a wrong head permutation) to prove the equivalence test bites.
+  UlyssesHeadPlan& mutable_plan_for_testing() { return plan_; }
 
  private:
   // element counts/displacements of one all-to-all pattern

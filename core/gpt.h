@@ -109,7 +109,7 @@ class GPT {
   Tensor grads_flat() const { return grads_flat_; }
   ops::Context& context() { return ctx_; }
   size_t activation_bytes() const;
-  const UlyssesAllToAll* ulysses() const { return ulysses_.get(); }
+  UlyssesAllToAll* ulysses() { return ulysses_.get(); }  // null when P == 1
 
  private:
   struct Layer;  // saved activations of one block

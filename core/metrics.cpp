@@ -28,8 +28,8 @@ MetricsWriter::~MetricsWriter() {
 }
 
 namespace {
-// JSON has no NaN/Inf: write null for them.
-std::string num(double v) { return std::isfinite(v) ? fmt::format("{:.9g}", v) : "null"; }
+// JSON has no NaN/Inf: write null for them. Finite values round-trip exactly.
+std::string num(double v) { return std::isfinite(v) ? fmt::format("{}", v) : "null"; }  // shortest exact form
 }  // namespace
 
 void MetricsWriter::write(const StepMetrics& m) {
