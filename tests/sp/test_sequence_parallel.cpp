@@ -18,6 +18,9 @@ using namespace ulysses;
 
 namespace {
 
+constexpr double kLossTolerance = 1e-5;   // relative, per step
+constexpr double kParamTolerance = 1e-5;  // relative to the largest parameter
+
 struct SpCase {
   const char* name;
   int P, DP;
@@ -142,8 +145,8 @@ TEST_CASE("sequence-parallel runs reproduce the single-rank run", "[sp]") {
       if (rank == 0)
         std::printf("equivalence | %-40s | max loss rel diff %.3e | max param rel diff %.3e\n", c.name,
                     r.max_loss_rel, r.max_param_rel);
-      CHECK(r.max_loss_rel <= 1e-5);
-      CHECK(r.max_param_rel <= 1e-5);
+      CHECK(r.max_loss_rel <= kLossTolerance);
+      CHECK(r.max_param_rel <= kParamTolerance);
     }
   }
 }
@@ -154,7 +157,9 @@ TEST_CASE("a wrong all-to-all permutation breaks the equivalence", "[sp]") {
     DYNAMIC_SECTION(c.name) {
       const Result r = run_case(c, true);
       INFO("max loss rel diff " << r.max_loss_rel << ", max param rel diff " << r.max_param_rel);
-      CHECK(r.max_loss_rel > 1e-3);
+      // far outside the acceptance tolerances, not a rounding-level difference
+      CHECK(r.max_loss_rel > 20 * kLossTolerance);
+      CHECK(r.max_param_rel > 100 * kParamTolerance);
     }
     break;  // one layout is enough to show the test bites
   }
