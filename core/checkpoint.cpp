@@ -246,7 +246,7 @@ void read_payload(const std::string& path, int64_t kind, const GPTShape& shape, 
   const char* fields[] = {"", "", "", "parameter count", "model.n_layer", "model.n_embd", "model.n_head",
                           "model.n_kv_head", "padded vocabulary", "model.max_seq_len (position rows)",
                           "model.position_embedding (rope)"};
-  for (int i = 3; i <= 10; ++i)
+  for (int i : {4, 5, 6, 7, 8, 9, 10, 3})  // the model's fields first: they say what differs
     if (h[i] != want[i])
       throw_user_error("{}: {} is {} in the checkpoint, the config says {}", path, fields[i], h[i], want[i]);
   for (float* out : outs) {

@@ -27,7 +27,7 @@ struct TrainState {
 };
 
 // Writes the checkpoint for `state` (host buffers: params, m, v of n floats each). Returns the
-// published directory. Keeps the newest `keep_last` checkpoints (0: keep all). Throws
+// published directory. Keeps the newest `cfg.checkpoint.keep_last` checkpoints. Throws
 // UserError (naming the path) when the directory cannot be created or written, e.g. disk full;
 // the previous checkpoints are untouched then.
 std::string save_checkpoint(const std::string& dir, const Config& cfg, const GPTShape& shape,

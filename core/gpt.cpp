@@ -85,6 +85,7 @@ struct GPT::Layer {
 
 GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* seq, GPT* shared_params)
     : shape_(GPTShape::from(cfg)),
+      init_std_(cfg.init_std),
       run_(run),
       device_(device),
       seq_(run.P > 1 ? seq : nullptr),
@@ -233,7 +234,7 @@ void GPT::init_weights(uint64_t seed) {
     float* p = t.f32();
     for (int64_t i = 0; i < t.numel(); ++i) p[i] = v;
   };
-  const double std = 0.02;
+  const double std = init_std_;
   const double residual_std = std / std::sqrt(2.0 * shape_.L);
   auto& p = params_;
   normal(p.wte().f32(), p.wte().numel(), std);

@@ -120,6 +120,7 @@ class GPT {
   void attention_backward(Layer& a, int l, Tensor dres);
 
   GPTShape shape_;
+  double init_std_ = 0.02;
   GPTRunShape run_;
   Device device_;
   ops::Context ctx_;

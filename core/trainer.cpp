@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <random>
 #include <thread>
@@ -22,6 +23,7 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "core/gpt.h"
+#include "core/llmc.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
 #include "core/tokenizer.h"
@@ -53,6 +55,27 @@ std::string format_duration(double seconds) {
   const int64_t s = int64_t(seconds + 0.5);
   return s >= 3600 ? fmt::format("{}:{:02d}:{:02d}", s / 3600, (s / 60) % 60, s % 60)
                    : fmt::format("{}:{:02d}", s / 60, s % 60);
+}
+
+// Runs `fn` on world rank 0 only (file I/O that one rank does for everybody). A UserError there
+// is broadcast and rethrown on every rank, so the job fails everywhere with the same message
+// instead of leaving the other ranks waiting in the next collective.
+void on_root(Communicator& world, const std::function<void()>& fn) {
+  std::string error;
+  if (world.rank() == 0) {
+    try {
+      fn();
+    } catch (const UserError& e) {
+      error = e.what();
+    }
+  }
+  int64_t len = int64_t(error.size());
+  world.broadcast(&len, 1, DType::f64 /* an 8-byte word */, 0);
+  if (len == 0) return;
+  error.resize(size_t(len + 1) / 2 * 2);  // moved as 2-byte words
+  world.broadcast(error.data(), error.size() / 2, DType::u16, 0);
+  error.resize(size_t(len));
+  throw UserError(error);
 }
 
 // Mean validation loss over eval_steps micro-batches from the start of the split.
@@ -114,6 +137,9 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const Device device = resolve_device(cfg.runtime);
   omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
 
+  if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
+    llmc_header_for(cfg.model);  // fails now, not after training, when llm.c cannot hold this model
+
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
   Communicator& world = *groups.world;
   const int P = groups.sp_size, DP = groups.dp_size;
@@ -137,9 +163,10 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   TrainState state;
   const std::optional<std::string> resume = resolve_resume(cfg.checkpoint);
   if (resume) {
-    if (mpi.world_rank == 0)
+    on_root(world, [&] {
       state = load_checkpoint(*resume, shape, model.params_flat().f32(), optimizer.m().f32(), optimizer.v().f32(),
                               n_params);
+    });
     // rank 0 read it; everybody gets the same bits
     world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
     world.broadcast(optimizer.m().data, size_t(n_params), DType::f32, 0);
@@ -153,6 +180,14 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     state.skipped_in_a_row = int(words[3]);
     train_data.restore(state.data);
     spdlog::info("resumed from {} at step {}", *resume, state.step);
+  } else if (!cfg.checkpoint.init_from.empty()) {
+    // llm.c GPT-2 weights (e.g. gpt2_124M.bin); the config must describe the same model
+    on_root(world, [&] {
+      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model), model.params_flat().f32(),
+                           size_t(n_params));
+    });
+    world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+    spdlog::info("initialised from llm.c checkpoint {}", cfg.checkpoint.init_from);
   } else {
     model.init_weights(cfg.train.seed);
   }
@@ -172,8 +207,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
                model.activation_bytes() / 1048576.0);
 
   std::unique_ptr<MetricsWriter> metrics;
-  if (mpi.world_rank == 0 && !cfg.logging.metrics_file.empty())
-    metrics = std::make_unique<MetricsWriter>(cfg.logging.metrics_file, /*append=*/bool(resume));
+  if (!cfg.logging.metrics_file.empty())
+    on_root(world, [&] { metrics = std::make_unique<MetricsWriter>(cfg.logging.metrics_file, /*append=*/bool(resume)); });
 
   const int64_t flops_token = flops_per_token(shape, N, /*causal_halved=*/true);
   std::vector<int32_t> tok(size_t(B) * T), tgt(size_t(B) * T), pos(size_t(B) * T);
@@ -181,12 +216,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (cfg.checkpoint.dir.empty()) return;
     state.step = step;
     state.data = train_data.state();
-    if (mpi.world_rank == 0) {
+    on_root(world, [&] {
       const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(),
                                                optimizer.m().f32(), optimizer.v().f32(), n_params);
       spdlog::info("saved checkpoint {}", path);
-    }
-    world.barrier();
+    });
   };
 
   const auto run_start = Clock::now();
@@ -260,17 +294,25 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0 && !last) save(step + 1);
   }
   if (first_step < cfg.train.max_steps) save(cfg.train.max_steps);
-
-  if (cfg.train.sample_tokens > 0 && mpi.world_rank == 0) {
-    std::unique_ptr<Tokenizer> tokenizer;
-    if (cfg.data.tokenizer == "gpt2")
-      tokenizer = std::make_unique<GPT2Tokenizer>(cfg.data.tokenizer_dir);
-    else
-      tokenizer = std::make_unique<ByteTokenizer>();
-    spdlog::info("sample ({} tokens, temperature {}):\n{}", cfg.train.sample_tokens, cfg.train.sample_temperature,
-                 sample(cfg, model, *tokenizer));
+  if (!cfg.checkpoint.export_llmc.empty()) {
+    on_root(world, [&] {
+      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), model.params_flat().f32(),
+                            size_t(n_params));
+      spdlog::info("exported llm.c checkpoint {}", cfg.checkpoint.export_llmc);
+    });
   }
-  world.barrier();
+
+  if (cfg.train.sample_tokens > 0) {
+    on_root(world, [&] {
+      std::unique_ptr<Tokenizer> tokenizer;
+      if (cfg.data.tokenizer == "gpt2")
+        tokenizer = std::make_unique<GPT2Tokenizer>(cfg.data.tokenizer_dir);
+      else
+        tokenizer = std::make_unique<ByteTokenizer>();
+      spdlog::info("sample ({} tokens, temperature {}):\n{}", cfg.train.sample_tokens, cfg.train.sample_temperature,
+                   sample(cfg, model, *tokenizer));
+    });
+  }
   return 0;
 }
 
