@@ -5,10 +5,16 @@
 // `count` uint16 tokens. Several shards per split are concatenated in the order given (globs
 // sorted). A sequence of N tokens needs N+1 consecutive tokens (targets are shifted by one).
 //
-// Sampling: sequence s of the split is tokens [s*N, s*N + N] (non-overlapping windows), in order
-// or in a seeded per-epoch shuffle. Each optimizer micro-step, data-parallel group g (dp_rank)
-// takes the next B sequences of its stride: all ranks of one SP group read the same sequences,
-// and SP rank r keeps tokens [r*N/P, (r+1)*N/P) with their targets and global position ids.
+// Sampling: each shard is cut into non-overlapping windows of N+1 tokens (window w = tokens
+// [w*N, w*N + N] of that shard; a window never spans two shards), and the split's sequences are
+// shard 0's windows, then shard 1's, ... They are visited in order, or in a seeded per-epoch
+// shuffle (train only; validation is always in order). Micro-step k of an epoch covers sequences
+// [k*B*dp_size, (k+1)*B*dp_size) of the epoch order and data-parallel group g (dp_rank) takes
+// [k*B*dp_size + g*B, ... + B); the epoch's tail of fewer than B*dp_size sequences is skipped.
+// All ranks of one SP group read the same sequences, and SP rank r keeps tokens
+// [r*N/P, (r+1)*N/P) with their targets and global position ids.
+// source "synthetic": random tokens in [0, vocab_size) from (seed, split, sequence index), no
+// files; its epoch is 2^40 sequences long, i.e. endless.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -56,8 +62,8 @@ struct DataSlice {
 class DataLoader {
  public:
   // split: "train" or "val". Throws UserError for bad shards, no files matching a glob, a split
-  // too short for one sequence, or a token id >= vocab_size (checked at load time over all
-  // tokens, naming the file and the token's index).
+  // too short for one micro-step (B * dp_size sequences), seq_len not divisible by sp_size, or a
+  // token id >= vocab_size (checked at load time over all tokens, naming the file and index).
   DataLoader(const DataConfig& cfg, const std::string& split, int micro_batch, int seq_len,
              DataSlice slice, uint64_t seed, int vocab_size);
   ~DataLoader();
