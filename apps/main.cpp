@@ -1,1 +1,227 @@
-int main() { return 0; }
+// The `ulysses` executable: parses the command line (CLI11) and runs one subcommand.
+//
+//   ulysses train   [--config PATH] [--set key.path=value]... [--print-config] [--log-level L]
+//   ulysses check   (the same options)  brings up the process groups and tests every collective
+//   ulysses prepare INPUT... --out DIR [--name N] [--tokenizer byte|gpt2] [--tokenizer-dir D]
+//                   [--val-fraction F] [--shard-tokens K] [--log-level L]
+//   ulysses --version
+//
+// Exit codes: 0 success; 2 bad input (a config, command-line or data error: a UserError, printed
+// as `error: <message>` without a stack trace); 1 an internal error (a bug or a system failure).
+//
+// Every rank parses the same command line and loads the same config, so errors there are seen by
+// every rank alike: the lowest failing rank (rank 0 in practice) prints the message once and all
+// ranks return 2 together. An error inside a subcommand may be seen by one rank only; that rank
+// prints it and ends the whole job with MPI_Abort, so no rank waits forever in a collective.
+// MPI's C API only: the deprecated C++ bindings would need libmpi_cxx at link time.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <exception>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "comm/bootstrap.h"
+#include "comm/comm_check.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/prepare.h"
+#include "core/trainer.h"
+
+namespace {
+
+using namespace ulysses;
+
+constexpr const char* kVersion = "0.1.0";
+constexpr int kExitUserError = 2;
+constexpr int kExitInternalError = 1;
+
+std::string version_text() {
+#ifdef ULYSSES_CUDA
+  const char* cuda = "yes";
+#else
+  const char* cuda = "no, CPU-only build";
+#endif
+  return fmt::format("ulysses {} (CUDA: {})", kVersion, cuda);
+}
+
+// The options every config-driven subcommand (train, check) takes.
+struct ConfigOptions {
+  std::string path;                    // empty: the embedded default (configs/tiny.yaml)
+  std::vector<std::string> overrides;  // --set key.path=value, in order
+  bool print_config = false;
+  std::string log_level;               // empty: logging.level from the config
+};
+
+const std::vector<std::string> kLogLevels = {"trace", "debug", "info", "warn", "error"};
+
+void add_config_options(CLI::App* cmd, ConfigOptions& o) {
+  cmd->add_option("--config", o.path, "YAML config file (default: the embedded tiny config)");
+  cmd->add_option("--set", o.overrides,
+                  "Override one key, e.g. --set train.lr=3e-4 or --set data.train=[a.bin,b.bin] "
+                  "(repeatable)")
+      ->allow_extra_args(false);  // one key=value per --set
+  cmd->add_flag("--print-config", o.print_config,
+                "Print the fully resolved config as YAML (rank 0) and exit");
+  cmd->add_option("--log-level", o.log_level, "Override logging.level")
+      ->check(CLI::IsMember(kLogLevels));
+}
+
+void print_error(const std::string& message) { fmt::print(stderr, "error: {}\n", message); }
+
+// Loads and validates the config on every rank and agrees on the outcome: when any rank fails,
+// the lowest failing rank prints its message and every rank gets std::nullopt (exit 2).
+std::optional<Config> load_config_everywhere(const ConfigOptions& o, const MpiRuntime& mpi) {
+  std::optional<Config> cfg;
+  std::string error;
+  try {
+    std::vector<std::string> overrides = o.overrides;
+    if (!o.log_level.empty()) overrides.push_back("logging.level=" + o.log_level);
+    cfg = load_config(o.path, overrides);
+    // --print-config shows a config for any world (a 64-GPU config prints on a laptop).
+    if (!o.print_config) validate_for_world(*cfg, mpi.world_size);
+    init_logging(mpi.world_rank, cfg->logging.level, cfg->logging.all_ranks);
+  } catch (const UserError& e) {
+    error = e.what();
+    cfg.reset();
+  }
+  int my_failure = error.empty() ? mpi.world_size : mpi.world_rank;
+  int first_failure = mpi.world_size;
+  MPI_Allreduce(&my_failure, &first_failure, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (first_failure == mpi.world_size) return cfg;
+  if (first_failure == mpi.world_rank) print_error(error);
+  return std::nullopt;
+}
+
+// A UserError from inside a subcommand: possibly this rank's alone, so end the whole job.
+int fail_on_this_rank(const MpiRuntime& mpi, const std::string& message, int code) {
+  if (mpi.world_size == 1) {
+    print_error(message);
+    return code;
+  }
+  print_error(fmt::format("(rank {}) {}", mpi.world_rank, message));
+  std::fflush(stderr);
+  mpi.abort(code);
+}
+
+int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRuntime& mpi) {
+  std::optional<Config> cfg = load_config_everywhere(o, mpi);
+  if (!cfg) return kExitUserError;
+  if (o.print_config) {
+    if (mpi.world_rank == 0) fmt::print("{}", to_yaml(*cfg));
+    return 0;
+  }
+  try {
+    if (name == "train") return run_train(*cfg, mpi);
+    if (name == "check") return run_comm_check(*cfg, mpi);
+  } catch (const UserError& e) {
+    return fail_on_this_rank(mpi, e.what(), kExitUserError);
+  }
+  ULYSSES_ASSERT(false, "unhandled subcommand '{}'", name);
+  return kExitInternalError;
+}
+
+// Preparing data is one process's job: rank 0 writes the shards, the others wait for its result.
+int run_prepare_subcommand(const PrepareOptions& opts, const std::string& log_level,
+                           const MpiRuntime& mpi) {
+  int code = 0;
+  if (mpi.world_rank == 0) {
+    try {
+      init_logging(mpi.world_rank, log_level, false);
+      code = run_prepare(opts);
+    } catch (const UserError& e) {
+      print_error(e.what());
+      code = kExitUserError;
+    }
+  }
+  MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  return code;
+}
+
+int run(int argc, char** argv, MpiRuntime& mpi) {
+  CLI::App app{"ulysses: GPT training on long sequences with DeepSpeed-Ulysses sequence "
+               "parallelism",
+               "ulysses"};
+  app.set_version_flag("--version", version_text());
+  app.require_subcommand(1);
+
+  ConfigOptions train_opts;
+  CLI::App* train = app.add_subcommand("train", "Train a GPT model (the default config: a tiny model)");
+  add_config_options(train, train_opts);
+
+  ConfigOptions check_opts;
+  CLI::App* check = app.add_subcommand(
+      "check", "Bring up the process groups of the configured layout and test every collective");
+  add_config_options(check, check_opts);
+
+  PrepareOptions prepare_opts;
+  std::string prepare_log_level = "info";
+  CLI::App* prepare =
+      app.add_subcommand("prepare", "Tokenize text files into llm.c token shards (train and val)");
+  prepare->add_option("inputs", prepare_opts.inputs, "Text files, concatenated in order")->required();
+  prepare->add_option("--out", prepare_opts.output_dir, "Output directory")->required();
+  prepare->add_option("--name", prepare_opts.name, "Shard name prefix: <name>_train_000000.bin, ...")
+      ->capture_default_str();
+  prepare->add_option("--tokenizer", prepare_opts.tokenizer, "byte (vocabulary 256) or gpt2")
+      ->check(CLI::IsMember({"byte", "gpt2"}))
+      ->capture_default_str();
+  prepare->add_option("--tokenizer-dir", prepare_opts.tokenizer_dir,
+                      "gpt2: directory with encoder.json and vocab.bpe");
+  prepare->add_option("--val-fraction", prepare_opts.val_fraction,
+                      "Fraction of the tokens (the last ones) that go to the val split")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  prepare->add_option("--shard-tokens", prepare_opts.shard_tokens, "Tokens per shard file")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  prepare->add_option("--log-level", prepare_log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember(kLogLevels))
+      ->capture_default_str();
+
+  // Still to come, each as its own subcommand here (no placeholders are registered until then):
+  //   bench     time each op and each collective on this machine (kernels/, comm/)
+  //   estimate  memory and step-time estimate of a config for a given world size
+  //   inspect   print a checkpoint's or a token shard's header and statistics
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // Every rank sees the same command line: rank 0 speaks for all.
+    std::ostringstream quiet;
+    int code = mpi.world_rank == 0 ? app.exit(e) : app.exit(e, quiet, quiet);
+    return code == 0 ? 0 : kExitUserError;
+  }
+
+  if (train->parsed()) return run_config_subcommand("train", train_opts, mpi);
+  if (check->parsed()) return run_config_subcommand("check", check_opts, mpi);
+  if (prepare->parsed()) return run_prepare_subcommand(prepare_opts, prepare_log_level, mpi);
+  ULYSSES_ASSERT(false, "CLI11 accepted the command line but no subcommand was parsed");
+  return kExitInternalError;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::optional<ulysses::MpiRuntime> mpi;
+  try {
+    mpi.emplace(&argc, &argv);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: cannot start MPI: {}\n", e.what());
+    return kExitInternalError;
+  }
+  try {
+    return run(argc, argv, *mpi);
+  } catch (const ulysses::UserError& e) {
+    return fail_on_this_rank(*mpi, e.what(), kExitUserError);
+  } catch (const std::exception& e) {
+    return fail_on_this_rank(*mpi, fmt::format("internal error: {}", e.what()), kExitInternalError);
+  }
+}

@@ -1,0 +1,115 @@
+# End-to-end test of the `ulysses` command line (run by CTest as `cmake -P`):
+#   bad config / bad --set / bad option / no subcommand -> exit 2 and the documented message;
+#   --version and --print-config -> exit 0; --print-config output reloads to the same config;
+#   under mpirun -np 2 a config error ends both ranks with exit 2 and is printed once.
+# Inputs: -DULYSSES=<executable> -DMPIEXEC=<mpirun> -DWORK_DIR=<scratch directory>
+cmake_minimum_required(VERSION 3.25)
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR})
+set(failures 0)
+
+# run_case(NAME name EXIT code [EXPECT_ERR text] [EXPECT_OUT text] ARGS ...)
+# Runs ARGS (a full command line), checks the exit code and that stderr/stdout contain the texts.
+function(run_case)
+  cmake_parse_arguments(C "" "NAME;EXIT;EXPECT_ERR;EXPECT_OUT;OUT_FILE" "ARGS" ${ARGN})
+  execute_process(COMMAND ${C_ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err
+                  TIMEOUT 120)
+  set(ok TRUE)
+  if(NOT "${rc}" STREQUAL "${C_EXIT}")
+    set(ok FALSE)
+    message("FAIL ${C_NAME}: exit code '${rc}', expected ${C_EXIT}")
+  endif()
+  if(DEFINED C_EXPECT_ERR)
+    string(FIND "${err}" "${C_EXPECT_ERR}" pos)
+    if(pos EQUAL -1)
+      set(ok FALSE)
+      message("FAIL ${C_NAME}: stderr lacks '${C_EXPECT_ERR}'")
+    endif()
+  endif()
+  if(DEFINED C_EXPECT_OUT)
+    string(FIND "${out}" "${C_EXPECT_OUT}" pos)
+    if(pos EQUAL -1)
+      set(ok FALSE)
+      message("FAIL ${C_NAME}: stdout lacks '${C_EXPECT_OUT}'")
+    endif()
+  endif()
+  if(DEFINED C_OUT_FILE)
+    file(WRITE ${C_OUT_FILE} "${out}")
+  endif()
+  if(ok)
+    message("ok   ${C_NAME}")
+  else()
+    message("     stdout: ${out}\n     stderr: ${err}")
+    math(EXPR n "${failures} + 1")
+    set(failures ${n} PARENT_SCOPE)
+  endif()
+  set(last_err "${err}" PARENT_SCOPE)
+  set(last_out "${out}" PARENT_SCOPE)
+endfunction()
+
+set(bad ${WORK_DIR}/bad.yaml)
+file(WRITE ${bad} "data:\n  source: synthetic\ntrain:\n  lrr: 0.1\n")
+
+run_case(NAME "bad config" EXIT 2
+         EXPECT_ERR "error: ${bad}:4:3: unknown key 'train.lrr' (did you mean 'train.lr'?)"
+         ARGS ${ULYSSES} train --config ${bad})
+run_case(NAME "bad --set value" EXIT 2
+         EXPECT_ERR "error: --set train.lr=-1: key 'train.lr': expected a positive number, got '-1'"
+         ARGS ${ULYSSES} check --set train.lr=-1)
+run_case(NAME "missing config file" EXIT 2 EXPECT_ERR "error: ${WORK_DIR}/none.yaml: cannot open"
+         ARGS ${ULYSSES} train --config ${WORK_DIR}/none.yaml)
+run_case(NAME "unknown option" EXIT 2 EXPECT_ERR "--frobnicate"
+         ARGS ${ULYSSES} train --frobnicate)
+run_case(NAME "bad --log-level" EXIT 2 EXPECT_ERR "--log-level"
+         ARGS ${ULYSSES} train --log-level verbose)
+run_case(NAME "no subcommand" EXIT 2 EXPECT_ERR "subcommand" ARGS ${ULYSSES})
+run_case(NAME "prepare without --out" EXIT 2 EXPECT_ERR "--out" ARGS ${ULYSSES} prepare in.txt)
+run_case(NAME "--version" EXIT 0 EXPECT_OUT "ulysses 0.1.0 (CUDA" ARGS ${ULYSSES} --version)
+run_case(NAME "--help" EXIT 0 EXPECT_OUT "train" ARGS ${ULYSSES} --help)
+
+# --print-config: the resolved YAML, which loads back to the same YAML (apart from the source line).
+run_case(NAME "--print-config" EXIT 0 EXPECT_OUT "  n_layer: 6\n" OUT_FILE ${WORK_DIR}/printed.yaml
+         ARGS ${ULYSSES} train --print-config --set model.n_layer=6 --set train.lr=0.000123
+              --log-level debug)
+string(FIND "${last_out}" "  lr: 0.000123\n" lr_pos)
+string(FIND "${last_out}" "  level: debug\n" level_pos)
+if(lr_pos EQUAL -1 OR level_pos EQUAL -1)
+  message("FAIL --print-config: the overrides are not in the printed config")
+  math(EXPR failures "${failures} + 1")
+endif()
+set(first_print "${last_out}")
+run_case(NAME "--print-config of the printed config" EXIT 0
+         ARGS ${ULYSSES} train --print-config --config ${WORK_DIR}/printed.yaml)
+# Drop the first line ("# ... resolved from <source>"), which names a different source.
+# (string(REGEX REPLACE "^...") would strip every line: CMake re-anchors ^ after each match.)
+function(drop_first_line text out_var)
+  string(FIND "${text}" "\n" nl)
+  math(EXPR start "${nl} + 1")
+  string(SUBSTRING "${text}" ${start} -1 rest)
+  set(${out_var} "${rest}" PARENT_SCOPE)
+endfunction()
+drop_first_line("${first_print}" a)
+drop_first_line("${last_out}" b)
+if(NOT a STREQUAL b OR a STREQUAL "")
+  message("FAIL print-config round trip:\n--- first\n${a}\n--- second\n${b}")
+  math(EXPR failures "${failures} + 1")
+endif()
+
+# Two ranks: both exit 2, nobody hangs, the message is printed once (by rank 0).
+set(mpi ${MPIEXEC} --oversubscribe -np 2)
+run_case(NAME "mpirun -np 2: bad config" EXIT 2 EXPECT_ERR "unknown key 'train.lrr'"
+         ARGS ${mpi} ${ULYSSES} train --config ${bad})
+string(REGEX MATCHALL "error: " hits "${last_err}${last_out}")
+list(LENGTH hits n_hits)
+if(NOT n_hits EQUAL 1)
+  message("FAIL mpirun -np 2: 'error: ' printed ${n_hits} times, expected once")
+  math(EXPR failures "${failures} + 1")
+endif()
+# P = 4 on 2 ranks: loads, then fails validate_for_world on every rank.
+run_case(NAME "mpirun -np 2: sequence does not divide the world" EXIT 2
+         EXPECT_ERR "key 'parallel.sequence' (4) must divide the world size (2 ranks): valid values for this world and model are 1, 2"
+         ARGS ${mpi} ${ULYSSES} check --set parallel.sequence=4)
+
+if(failures GREATER 0)
+  message(FATAL_ERROR "${failures} command-line case(s) failed")
+endif()
