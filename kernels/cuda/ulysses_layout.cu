@@ -61,6 +61,20 @@ __global__ void unpack_heads_kernel(T* dst, const T* src, const int32_t* heads, 
   }
 }
 
+// Strided copy of `height` rows of `width` bytes. cudaMemcpy2DAsync refuses pitches beyond the
+// device's maximum (about 2 GiB); such rows (huge single sequences) are copied one by one.
+void copy_rows(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+               cudaStream_t stream) {
+  constexpr size_t kMaxPitch = size_t(1) << 31;
+  if (height == 1 || dpitch >= kMaxPitch || spitch >= kMaxPitch) {
+    for (size_t r = 0; r < height; ++r)
+      CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                                 width, cudaMemcpyDeviceToDevice, stream));
+  } else {
+    CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
 size_t elem_bytes_of(DType t) {
   if (t != DType::bf16 && t != DType::f32)
     cuda_check_fail(__FILE__, __LINE__, "ulysses layout", "dtype must be bf16 or f32");
@@ -113,9 +127,8 @@ void ulysses_pack_sequence(void* dst, const void* src, DType dtype, int P, int B
   const size_t width = row * size_t(T);
   if (width == 0 || B <= 0) return;
   for (int s = 0; s < P; ++s)
-    CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst) + size_t(s) * B * width, width,
-                                 static_cast<const char*>(src) + size_t(s) * width, size_t(P) * width,
-                                 width, size_t(B), cudaMemcpyDeviceToDevice, stream));
+    copy_rows(static_cast<char*>(dst) + size_t(s) * B * width, width, static_cast<const char*>(src) + size_t(s) * width,
+              size_t(P) * width, width, size_t(B), stream);
 }
 
 void ulysses_unpack_sequence(void* dst, const void* src, DType dtype, int P, int B, int T, int h, int d,
@@ -124,9 +137,8 @@ void ulysses_unpack_sequence(void* dst, const void* src, DType dtype, int P, int
   const size_t width = row * size_t(T);
   if (width == 0 || B <= 0) return;
   for (int s = 0; s < P; ++s)
-    CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst) + size_t(s) * width, size_t(P) * width,
-                                 static_cast<const char*>(src) + size_t(s) * B * width, width,
-                                 width, size_t(B), cudaMemcpyDeviceToDevice, stream));
+    copy_rows(static_cast<char*>(dst) + size_t(s) * width, size_t(P) * width,
+              static_cast<const char*>(src) + size_t(s) * B * width, width, width, size_t(B), stream);
 }
 
 }  // namespace ulysses::cuda
