@@ -79,7 +79,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 //   losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]]
 //   logits[r, :] <- (softmax(logits[r, :V]) - onehot(targets[r])) * grad_scale   (in place)
 // rows with targets[r] < 0 are ignored: losses[r] = 0 and their gradient row is 0.
-// grad_scale = 0 skips the gradient (validation). Never stores the probabilities separately.
+// grad_scale = 0 skips the gradient (validation): losses are written, logits are left untouched.
+// losses are per row and unnormalised (fold 1/num_tokens into grad_scale). Never stores the
+// probabilities separately.
 void crossentropy_forward_backward(float* losses, float* logits, const int32_t* targets,
                                    int64_t rows, int V, int Vp, float grad_scale);
 

@@ -1,0 +1,198 @@
+// Times every fp32 CPU op (kernels/cpu/) at two training shapes and prints ms, GFLOP/s and GB/s:
+//   gpt2-124m: B=4, N=64,   C=768, H=12 (d=64), V=50257 (padded 50304), 12 layers
+//   long-1k:   B=1, N=1024, C=256, H=4  (d=64), V=50257 (padded 50304), 4 layers
+// or one custom shape: bench_kernels B N C H V L. Not a test: it checks nothing.
+// FLOP counts are nominal: 2 per multiply-add in the products; causal attention counts the
+// N(N+1)/2 visible pairs only (forward 2 products, backward 5); elementwise ops count a few flops
+// per element as noted. GB/s counts each input read and each output written once.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+
+#include "kernels/cpu/cpu_ops.h"
+
+namespace cpu = ulysses::cpu;
+
+namespace {
+
+struct Shape {
+  std::string name;
+  int B, N, C, H, V, L;
+};
+
+std::vector<float> randn(size_t n, float stddev, std::mt19937& gen) {
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// Mean milliseconds of f over at least 3 runs and about 0.3 s, after one warm-up run.
+double time_ms(const std::function<void()>& f) {
+  using clock = std::chrono::steady_clock;
+  f();
+  int reps = 0;
+  const auto t0 = clock::now();
+  double elapsed = 0.0;
+  while (reps < 3 || elapsed < 0.3) {
+    f();
+    reps++;
+    elapsed = std::chrono::duration<double>(clock::now() - t0).count();
+  }
+  return 1e3 * elapsed / reps;
+}
+
+void report(const char* op, double ms, double flops, double bytes) {
+  std::printf("  %-28s %10.3f ms %9.2f GFLOP/s %8.2f GB/s\n", op, ms, flops / (ms * 1e6),
+              bytes / (ms * 1e6));
+}
+
+void bench(const Shape& s) {
+  std::mt19937 gen(1234);
+  const int B = s.B, N = s.N, C = s.C, H = s.H, d = C / H, Vp = (s.V + 127) / 128 * 128;
+  const int64_t R = int64_t(B) * N;
+  std::printf("%s: B=%d N=%d C=%d H=%d d=%d V=%d Vp=%d L=%d, %d OpenMP threads\n", s.name.c_str(),
+              B, N, C, H, d, s.V, Vp, s.L, omp_get_max_threads());
+
+  std::vector<int32_t> tokens(R), positions(R), targets(R);
+  for (int64_t r = 0; r < R; r++) {
+    tokens[r] = int32_t(gen() % s.V);
+    targets[r] = int32_t(gen() % s.V);
+    positions[r] = int32_t(r % N);
+  }
+  auto wte = randn(size_t(Vp) * C, 0.02f, gen), wpe = randn(size_t(N) * C, 0.02f, gen);
+  auto x = randn(R * C, 1.0f, gen), dx = randn(R * C, 1.0f, gen), y = randn(R * C, 1.0f, gen);
+  auto dwte = std::vector<float>(wte.size()), dwpe = std::vector<float>(wpe.size());
+  std::vector<float> lnw(C, 1.0f), lnb(C), dlnw(C), dlnb(C), mean(R), rstd(R);
+
+  const double RC = double(R) * C;
+  report("embedding_forward", time_ms([&] {
+    cpu::embedding_forward(y.data(), tokens.data(), positions.data(), wte.data(), wpe.data(), R, C);
+  }), RC, 12.0 * RC);
+  report("embedding_backward", time_ms([&] {
+    cpu::embedding_backward(dwte.data(), dwpe.data(), dx.data(), tokens.data(), positions.data(), R, C);
+  }), 2 * RC, 20.0 * RC);
+  report("layernorm_forward", time_ms([&] {
+    cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), lnw.data(), lnb.data(), R, C);
+  }), 8 * RC, 8.0 * RC);
+  report("layernorm_backward", time_ms([&] {
+    cpu::layernorm_backward(y.data(), dlnw.data(), dlnb.data(), dx.data(), x.data(), lnw.data(),
+                            mean.data(), rstd.data(), R, C);
+  }), 14 * RC, 16.0 * RC);
+
+  // the layer's products: qkv (C -> 3C), attention projection (C -> C), MLP (C -> 4C -> C)
+  struct Mm { const char* name; int IC, OC; };
+  const Mm mms[] = {{"qkv", C, 3 * C}, {"attn_proj", C, C}, {"fc", C, 4 * C}, {"fc_proj", 4 * C, C}};
+  for (const Mm& m : mms) {
+    auto inp = randn(R * m.IC, 1.0f, gen), w = randn(size_t(m.OC) * m.IC, 0.02f, gen);
+    auto b = randn(m.OC, 0.02f, gen), out = std::vector<float>(R * m.OC);
+    auto dout = randn(R * m.OC, 1.0f, gen), dinp = std::vector<float>(inp.size());
+    std::vector<float> dw(w.size()), db(m.OC);
+    const double f = 2.0 * R * m.IC * m.OC;
+    const double io = 4.0 * (double(R) * m.IC + double(m.OC) * m.IC + double(R) * m.OC);
+    report((std::string("matmul_forward ") + m.name).c_str(), time_ms([&] {
+      cpu::matmul_forward(out.data(), inp.data(), w.data(), b.data(), R, m.IC, m.OC);
+    }), f, io);
+    report((std::string("matmul_backward ") + m.name).c_str(), time_ms([&] {
+      cpu::matmul_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), R,
+                           m.IC, m.OC);
+    }), 2 * f, 2 * io);
+  }
+
+  {
+    const int64_t n = R * 4 * C;
+    auto a = randn(n, 1.0f, gen), g = randn(n, 1.0f, gen), out = std::vector<float>(n);
+    report("gelu_forward", time_ms([&] { cpu::gelu_forward(out.data(), a.data(), n); }),
+           10.0 * n, 8.0 * n);
+    report("gelu_backward", time_ms([&] { cpu::gelu_backward(out.data(), a.data(), g.data(), n); }),
+           16.0 * n, 16.0 * n);
+  }
+  report("residual_forward", time_ms([&] { cpu::residual_forward(y.data(), x.data(), dx.data(), R * C); }),
+         RC, 12.0 * RC);
+
+  {
+    const int H3 = 3 * H;
+    auto qkv = randn(R * H3 * d, 1.0f, gen), dqkv = std::vector<float>(qkv.size());
+    auto out = std::vector<float>(R * H * d), lse = std::vector<float>(R * H);
+    auto dout = randn(out.size(), 1.0f, gen);
+    // q and k of every row: 2H heads of d, 6 flops per pair
+    report("rope_forward (q and k)", time_ms([&] {
+      cpu::rope_forward(qkv.data(), positions.data(), R, 2 * H, d, int64_t(H3) * d, 10000.0f);
+    }), 3.0 * R * 2 * H * d, 8.0 * R * 2 * H * d);
+    std::vector<float> qkv0 = randn(qkv.size(), 1.0f, gen);
+    qkv = qkv0;  // rope_forward ran many times in place: start again from unit-scale values
+    const double pairs = double(B) * H * (double(N) * (N + 1) / 2);
+    const double io = 4.0 * (qkv.size() + out.size());
+    report("attention_forward", time_ms([&] {
+      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, H, H, d);
+    }), 2 * 2.0 * pairs * d, io);
+    report("attention_backward", time_ms([&] {
+      cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
+                              H, H, d);
+    }), 5 * 2.0 * pairs * d, 2 * io);
+  }
+
+  {
+    // the LM head and the fused loss on all rows at once (the trainer may chunk the rows)
+    std::vector<float> logits(R * Vp), losses(R), dlogits(R * Vp);
+    auto dl = randn(R * Vp, 1.0f, gen);
+    const double f = 2.0 * R * C * Vp;
+    report("matmul_forward lm_head", time_ms([&] {
+      cpu::matmul_forward(logits.data(), x.data(), wte.data(), nullptr, R, C, Vp);
+    }), f, 4.0 * (RC + double(Vp) * C + double(R) * Vp));
+    report("matmul_backward lm_head", time_ms([&] {
+      cpu::matmul_backward(dx.data(), dwte.data(), nullptr, dl.data(), x.data(), wte.data(), R, C, Vp);
+    }), 2 * f, 8.0 * (RC + double(Vp) * C + double(R) * Vp));
+    auto logits0 = randn(R * Vp, 2.0f, gen);
+    // the kernel writes the gradient over its input: refresh it each time (the copy is timed too)
+    report("crossentropy (+copy)", time_ms([&] {
+      std::copy(logits0.begin(), logits0.end(), logits.begin());
+      cpu::crossentropy_forward_backward(losses.data(), logits.data(), targets.data(), R, s.V, Vp,
+                                         1.0f / R);
+    }), 5.0 * R * s.V, 12.0 * R * Vp);
+  }
+
+  {
+    // one optimizer step over the whole model: wte, wpe and L layers of about 12 C^2
+    const int64_t n = int64_t(Vp) * C + int64_t(N) * C + int64_t(s.L) * (12LL * C * C + 13LL * C);
+    std::vector<float> p(n, 0.01f), m(n), v(n), g(n, 1e-3f);
+    report("adamw_update (all params)", time_ms([&] {
+      cpu::adamw_update(p.data(), g.data(), m.data(), v.data(), n, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f,
+                        1.0f, 1);
+    }), 15.0 * n, 28.0 * n);
+    volatile double sink = 0.0;
+    report("sum_squares (all grads)", time_ms([&] { sink = sink + cpu::sum_squares(g.data(), n); }),
+           2.0 * n, 4.0 * n);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<Shape> shapes;
+  if (argc == 7) {
+    shapes.push_back({"custom", std::atoi(argv[1]), std::atoi(argv[2]), std::atoi(argv[3]),
+                      std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6])});
+  } else if (argc == 1) {
+    shapes.push_back({"gpt2-124m", 4, 64, 768, 12, 50257, 12});
+    shapes.push_back({"long-1k", 1, 1024, 256, 4, 50257, 4});
+  } else {
+    std::fprintf(stderr, "usage: bench_kernels [B N C H V L]\n");
+    return 2;
+  }
+  for (const Shape& s : shapes) {
+    if (s.B <= 0 || s.N <= 0 || s.C <= 0 || s.H <= 0 || s.C % s.H || (s.C / s.H) % 2 || s.V <= 0) {
+      std::fprintf(stderr, "bench_kernels: bad shape (need positive sizes, H | C, even C/H)\n");
+      return 2;
+    }
+    bench(s);
+  }
+  return 0;
+}
