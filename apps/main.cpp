@@ -33,6 +33,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/bench.h"
 #include "core/prepare.h"
 #include "core/trainer.h"
 
@@ -112,7 +113,8 @@ int fail_on_this_rank(const MpiRuntime& mpi, const std::string& message, int cod
   mpi.abort(code);
 }
 
-int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRuntime& mpi) {
+int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRuntime& mpi,
+                          const BenchOptions& bench = {}) {
   std::optional<Config> cfg = load_config_everywhere(o, mpi);
   if (!cfg) return kExitUserError;
   if (o.print_config) {
@@ -122,6 +124,10 @@ int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRu
   try {
     if (name == "train") return run_train(*cfg, mpi);
     if (name == "check") return run_comm_check(*cfg, mpi);
+    if (name == "bench") return run_bench(*cfg, mpi, bench);
+  } catch (const AllRanksUserError& e) {
+    if (mpi.world_rank == 0) print_error(e.what());
+    return kExitUserError;
   } catch (const UserError& e) {
     return fail_on_this_rank(mpi, e.what(), kExitUserError);
   }
@@ -186,8 +192,18 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
       ->check(CLI::IsMember(kLogLevels))
       ->capture_default_str();
 
+  ConfigOptions bench_opts;
+  BenchOptions bench;
+  CLI::App* bench_cmd = app.add_subcommand(
+      "bench", "Time one training step of the configured model (forward, backward, all-reduce, optimizer)");
+  add_config_options(bench_cmd, bench_opts);
+  bench_cmd->add_option("--warmup", bench.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  bench_cmd->add_option("--repeat", bench.repeat, "Timed steps (the median is reported)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench_cmd->add_option("--csv", bench.csv, "Append one row of results to this CSV file (rank 0)");
+
   // Still to come, each as its own subcommand here (no placeholders are registered until then):
-  //   bench     time each op and each collective on this machine (kernels/, comm/)
   //   estimate  memory and step-time estimate of a config for a given world size
   //   inspect   print a checkpoint's or a token shard's header and statistics
 
@@ -202,6 +218,7 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
 
   if (train->parsed()) return run_config_subcommand("train", train_opts, mpi);
   if (check->parsed()) return run_config_subcommand("check", check_opts, mpi);
+  if (bench_cmd->parsed()) return run_config_subcommand("bench", bench_opts, mpi, bench);
   if (prepare->parsed()) return run_prepare_subcommand(prepare_opts, prepare_log_level, mpi);
   ULYSSES_ASSERT(false, "CLI11 accepted the command line but no subcommand was parsed");
   return kExitInternalError;

@@ -13,6 +13,13 @@ struct UserError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A UserError that every rank raised together (for example a file that rank 0 read for all and
+// whose error was broadcast): the executable prints it once, on rank 0, and every rank exits 2
+// without aborting the job.
+struct AllRanksUserError : UserError {
+  using UserError::UserError;
+};
+
 // throw_user_error("{}: expected {} got {}", path, a, b)
 template <typename... Args>
 [[noreturn]] void throw_user_error(fmt::format_string<Args...> f, Args&&... args) {

@@ -75,7 +75,7 @@ void on_root(Communicator& world, const std::function<void()>& fn) {
   error.resize(size_t(len + 1) / 2 * 2);  // moved as 2-byte words
   world.broadcast(error.data(), error.size() / 2, DType::u16, 0);
   error.resize(size_t(len));
-  throw UserError(error);
+  throw AllRanksUserError(error);
 }
 
 // Mean validation loss over eval_steps micro-batches from the start of the split.
