@@ -218,7 +218,7 @@ std::vector<NamedCase> check_cases(const std::vector<int>& expected_members) {
   // The group holds exactly the world ranks the layout says, in order (an i32 all_gather).
   cases.push_back({"membership", [expected_members](Communicator& c, CheckMemory& m) {
     int world_rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    ULYSSES_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
     void* s = m.make(std::vector<int32_t>{world_rank});
     void* d = m.make(std::vector<int32_t>(size_t(c.size()), -1));
     c.all_gather(s, d, 1, DType::i32);
@@ -239,10 +239,13 @@ CommBackend resolve_backend(const Config& cfg, int min_gpus_over_ranks) {
     if (device == "cpu")
       throw_user_error("parallel.backend = nccl needs runtime.device = cuda or auto, got cpu");
     if (min_gpus_over_ranks == 0)
-      throw_user_error("parallel.backend = nccl but some rank sees no CUDA device{}",
-                       cuda_device_count() == 0 && min_gpus_over_ranks == 0
-                           ? " (or ulysses was built without CUDA)"
-                           : "");
+#ifdef ULYSSES_CUDA
+      throw_user_error("parallel.backend = nccl but some rank sees no CUDA device; use "
+                       "parallel.backend = mpi or auto");
+#else
+      throw_user_error("parallel.backend = nccl but ulysses was built without CUDA; use "
+                       "parallel.backend = mpi or auto");
+#endif
     return CommBackend::nccl;
   }
   if (b != "auto")
