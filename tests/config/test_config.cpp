@@ -7,7 +7,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -539,6 +541,35 @@ TEST_CASE("every file in configs/ loads and round trips", "[config][yaml]") {
   Config g2 = load_config(ULYSSES_SOURCE_DIR "/configs/gpt2-124m.yaml");
   CHECK(g2.model.vocab_size == 50257);
   for (int world : {1, 2, 4, 8, 16, 32}) CHECK_NOTHROW(validate_for_world(g2, world));
+}
+
+TEST_CASE("docs/configs.md documents every key", "[config][docs]") {
+  std::ifstream in(ULYSSES_SOURCE_DIR "/docs/configs.md");
+  REQUIRE(in);
+  std::string docs((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Walk the keys as to_yaml prints them: "group:" lines, then "  leaf: value" lines. Each leaf
+  // must have a table row "| `leaf` |" inside its group's "### group" section.
+  std::istringstream yaml(to_yaml(Config{}));
+  std::string line, section;
+  int keys = 0;
+  while (std::getline(yaml, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    if (line[0] != ' ') {
+      std::string group = line.substr(0, line.find(':'));
+      size_t begin = docs.find("\n### " + group + "\n");
+      INFO("group " << group);
+      REQUIRE(begin != std::string::npos);
+      size_t end = docs.find("\n## ", begin + 1);
+      size_t next = docs.find("\n### ", begin + 1);
+      section = docs.substr(begin, std::min(end, next) - begin);
+      continue;
+    }
+    std::string leaf = line.substr(2, line.find(':') - 2);
+    INFO("key " << leaf);
+    CHECK(section.find("| `" + leaf + "` |") != std::string::npos);
+    keys++;
+  }
+  CHECK(keys >= 50);
 }
 
 TEST_CASE("config files: missing, directory", "[config][errors]") {
