@@ -15,34 +15,99 @@
 // A task owns every row of dq, dk, dv it writes (its batch and kv-head group), so there are no
 // races and the result does not depend on the thread count or schedule.
 //
-// The tile products are plain loops shaped as axpy's over contiguous rows (K and V are also
-// stored transposed in the tile), which the compiler vectorises without reassociating sums.
+// Stages: load a tile into a local buffer (zero-padded to the micro-kernel's 4×8 blocking, head
+// dimension padded to dp = round_up(d, 8)), multiply tiles with tile_gemm (a register-blocked
+// loop nest the compiler vectorises), and the softmax step on rows with the vectorisable exp.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "core/error.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace ulysses::cpu {
 
 namespace {
 
 constexpr int kTile = 64;  // rows per query tile and per key tile (equal: see `diagonal`)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// y[0:n] += a * x[0:n]
-inline void axpy(float* __restrict y, const float* __restrict x, float a, int n) {
-  for (int j = 0; j < n; j++) y[j] += a * x[j];
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Four floats in one SSE register (GCC/Clang vector extension): the micro-kernel below is
+// written with it so that its 4×8 accumulator block stays in eight registers whatever the loop
+// bounds (written as plain loops, GCC vectorised the k loop instead, with spills).
+typedef float f32x4 __attribute__((vector_size(16)));
+
+inline f32x4 load4(const float* p) {
+  f32x4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
+
+// C[M, N] (+)= A[M, K] · B[K, N], row-major with leading dimensions; M % 4 == 0, N % 8 == 0.
+template <bool kAccumulate>
+void tile_gemm(float* __restrict C, int ldc, const float* __restrict A, int lda,
+               const float* __restrict B, int ldb, int M, int N, int K) {
+  for (int i = 0; i < M; i += 4)
+    for (int j = 0; j < N; j += 8) {
+      f32x4 acc[4][2];
+      for (int r = 0; r < 4; r++) {
+        acc[r][0] = kAccumulate ? load4(C + (i + r) * ldc + j) : f32x4{};
+        acc[r][1] = kAccumulate ? load4(C + (i + r) * ldc + j + 4) : f32x4{};
+      }
+      const float* a = A + i * lda;
+      for (int k = 0; k < K; k++) {
+        const f32x4 b0 = load4(B + k * ldb + j), b1 = load4(B + k * ldb + j + 4);
+        for (int r = 0; r < 4; r++) {
+          const float ar = a[r * lda + k];
+          acc[r][0] += ar * b0;
+          acc[r][1] += ar * b1;
+        }
+      }
+      for (int r = 0; r < 4; r++) {
+        store4(C + (i + r) * ldc + j, acc[r][0]);
+        store4(C + (i + r) * ldc + j + 4, acc[r][1]);
+      }
+    }
 }
 
-// Where row t of head `head` of batch b lives in the packed [B, N, H3, d] buffer.
+// dst[j, i] = src[i, j] for i < rows, j < cols (both with row stride kTile).
+void transpose_tile(float* __restrict dst, const float* __restrict src, int rows, int cols) {
+  for (int j = 0; j < cols; j++)
+    for (int i = 0; i < rows; i++) dst[j * kTile + i] = src[i * kTile + j];
+}
+
+// Where row t of head `head` of batch b lives in a packed [B, N, H, d] buffer.
 struct Packed {
-  int N, H3, d;
-  int64_t offset(int b, int t, int head) const {
-    return ((int64_t(b) * N + t) * H3 + head) * d;
-  }
+  int N, H, d;
+  int64_t offset(int b, int t, int head) const { return ((int64_t(b) * N + t) * H + head) * d; }
 };
+
+// dst[r, 0:dp] = scale * src(row0 + r)[0:d], zero-padded; rows [rows, rows_padded) are zero.
+void load_rows(float* dst, int dp, const float* base, const Packed& p, int b, int row0, int head,
+               int rows, int rows_padded, float scale) {
+  for (int r = 0; r < rows; r++) {
+    const float* src = base + p.offset(b, row0 + r, head);
+    for (int c = 0; c < p.d; c++) dst[r * dp + c] = src[c] * scale;
+    std::fill(dst + r * dp + p.d, dst + (r + 1) * dp, 0.0f);
+  }
+  std::fill(dst + rows * dp, dst + rows_padded * dp, 0.0f);
+}
+
+// dst[c, r] = src(row0 + r)[c] for c < d (row stride kTile); columns [rows, rows_padded) zero.
+void load_transposed(float* dst, const float* base, const Packed& p, int b, int row0, int head,
+                     int rows, int rows_padded) {
+  for (int r = 0; r < rows; r++) {
+    const float* src = base + p.offset(b, row0 + r, head);
+    for (int c = 0; c < p.d; c++) dst[c * kTile + r] = src[c];
+  }
+  for (int c = 0; c < p.d; c++) std::fill(dst + c * kTile + rows, dst + c * kTile + rows_padded, 0.0f);
+}
 
 void check_shapes(int B, int N, int Hq, int Hkv, int d) {
   ULYSSES_ASSERT(B > 0 && N > 0 && Hq > 0 && Hkv > 0 && d > 0,
@@ -58,19 +123,19 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
   const int group = Hq / Hkv;
+  const int dp = round_up(d, 8);
   const float scale = 1.0f / std::sqrt(float(d));
   const int n_tiles = (N + kTile - 1) / kTile;
   const int64_t n_tasks = int64_t(B) * Hq * n_tiles;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #pragma omp parallel
   {
-    std::vector<float> work(size_t(kTile) * (4 * d + kTile + 2));
-    float* Q = work.data();          // [kTile, d]   scaled by 1/sqrt(d)
-    float* Kt = Q + kTile * d;       // [d, kTile]   the key tile, transposed
-    float* V = Kt + kTile * d;       // [kTile, d]
-    float* acc = V + kTile * d;      // [kTile, d]   unnormalised output
-    float* S = acc + kTile * d;      // [kTile, kTile] scores, then probabilities
+    std::vector<float> work(size_t(kTile) * (3 * dp + d + kTile + 2));
+    float* Q = work.data();          // [kTile, dp]   scaled by 1/sqrt(d)
+    float* V = Q + kTile * dp;       // [kTile, dp]
+    float* acc = V + kTile * dp;     // [kTile, dp]   unnormalised output
+    float* Kt = acc + kTile * dp;    // [d, kTile]    the key tile, transposed
+    float* S = Kt + kTile * d;       // [kTile, kTile] scores, then probabilities
     float* m = S + kTile * kTile;    // [kTile] running max
     float* l = m + kTile;            // [kTile] running sum
 
@@ -81,54 +146,42 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
       const int h = int((task / n_tiles) % Hq);
       const int b = int(task / (int64_t(n_tiles) * Hq));
       const int kvh = h / group;
-      const int i0 = qt * kTile, iq = std::min(kTile, N - i0);
+      const int i0 = qt * kTile, iq = std::min(kTile, N - i0), iq4 = round_up(iq, 4);
 
-      for (int i = 0; i < iq; i++) {
-        const float* q = qkv + in.offset(b, i0 + i, h);
-        for (int c = 0; c < d; c++) Q[i * d + c] = q[c] * scale;
-        m[i] = kNegInf;
-        l[i] = 0.0f;
-      }
-      std::fill(acc, acc + iq * d, 0.0f);
+      load_rows(Q, dp, qkv, in, b, i0, h, iq, iq4, scale);
+      std::fill(acc, acc + iq4 * dp, 0.0f);
+      std::fill(m, m + iq, kNegInf);
+      std::fill(l, l + iq, 0.0f);
 
       for (int kt = 0; kt <= qt; kt++) {
-        const int j0 = kt * kTile, jk = std::min(kTile, N - j0);
+        const int j0 = kt * kTile, jk = std::min(kTile, N - j0), jk8 = round_up(jk, 8);
         const bool diagonal = kt == qt;  // equal tiles: key j visible to query i iff j <= i
-        for (int j = 0; j < jk; j++) {
-          const float* k = qkv + in.offset(b, j0 + j, Hq + kvh);
-          const float* v = qkv + in.offset(b, j0 + j, Hq + Hkv + kvh);
-          for (int c = 0; c < d; c++) Kt[c * kTile + j] = k[c];
-          std::copy(v, v + d, V + j * d);
-        }
+        load_transposed(Kt, qkv, in, b, j0, Hq + kvh, jk, jk8);
+        load_rows(V, dp, qkv, in, b, j0, Hq + Hkv + kvh, jk, jk, 1.0f);
+        tile_gemm<false>(S, kTile, Q, dp, Kt, kTile, iq4, jk8, d);  // S = Q K^T / sqrt(d)
+
+        // online softmax: rescale the row's running state to the new max, add this tile
         for (int i = 0; i < iq; i++) {
           const int jn = diagonal ? std::min(jk, i + 1) : jk;  // visible keys of this row
           float* s = S + i * kTile;
-          std::fill(s, s + jn, 0.0f);
-          for (int c = 0; c < d; c++) axpy(s, Kt + c * kTile, Q[i * d + c], jn);
-          // online softmax update
-          float row_max = kNegInf;
-          for (int j = 0; j < jn; j++) row_max = std::max(row_max, s[j]);
-          const float m_new = std::max(m[i], row_max);
-          if (m_new == kNegInf) continue;  // nothing visible yet (cannot happen when causal)
-          const float correction = std::exp(m[i] - m_new);
-          float sum = 0.0f;
-          for (int j = 0; j < jn; j++) {
-            s[j] = std::exp(s[j] - m_new);
-            sum += s[j];
-          }
-          l[i] = l[i] * correction + sum;
+          const float m_new = std::max(m[i], max_of(s, jn));  // jn >= 1: key j0 <= i0 + i
+          const float correction = m[i] == kNegInf ? 0.0f : std::exp(m[i] - m_new);
+          for (int j = 0; j < jn; j++) s[j] = exp_approx(s[j] - m_new);
+          std::fill(s + jn, s + jk, 0.0f);  // masked
+          l[i] = l[i] * correction + float(sum_of(s, jn));
           m[i] = m_new;
-          float* a = acc + i * d;
           if (correction != 1.0f)
-            for (int c = 0; c < d; c++) a[c] *= correction;
-          for (int j = 0; j < jn; j++) axpy(a, V + j * d, s[j], d);
+            for (int c = 0; c < dp; c++) acc[i * dp + c] *= correction;
         }
+        // the padding rows [iq, iq4) hold the scores of zero queries (0), not probabilities
+        std::fill(S + iq * kTile, S + iq4 * kTile, 0.0f);
+        tile_gemm<true>(acc, dp, S, kTile, V, dp, iq4, dp, jk);  // acc += P V
       }
 
       for (int i = 0; i < iq; i++) {
         float* y = out + o.offset(b, i0 + i, h);
         const float inv = 1.0f / l[i];
-        for (int c = 0; c < d; c++) y[c] = acc[i * d + c] * inv;
+        for (int c = 0; c < d; c++) y[c] = acc[i * dp + c] * inv;
         lse[(int64_t(b) * Hq + h) * N + i0 + i] = m[i] + std::log(l[i]);
       }
     }
@@ -141,23 +194,26 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
   const int group = Hq / Hkv;
+  const int dp = round_up(d, 8);
   const float scale = 1.0f / std::sqrt(float(d));
   const int n_tiles = (N + kTile - 1) / kTile;
   const int n_tasks = B * Hkv;
 
 #pragma omp parallel
   {
-    std::vector<float> work(size_t(kTile) * (7 * d + 2 * kTile) + size_t(group) * N);
-    float* K = work.data();          // [kTile, d]
-    float* Kt = K + kTile * d;       // [d, kTile]
+    std::vector<float> work(size_t(kTile) * (6 * dp + 2 * d + 3 * kTile) + size_t(group) * N);
+    float* K = work.data();          // [kTile, dp]
+    float* dK = K + kTile * dp;      // [kTile, dp]
+    float* dV = dK + kTile * dp;     // [kTile, dp]
+    float* Q = dV + kTile * dp;      // [kTile, dp]  scaled by 1/sqrt(d)
+    float* dO = Q + kTile * dp;      // [kTile, dp]
+    float* dQ = dO + kTile * dp;     // [kTile, dp]  this tile pair's dS K
+    float* Kt = dQ + kTile * dp;     // [d, kTile]
     float* Vt = Kt + kTile * d;      // [d, kTile]
-    float* dK = Vt + kTile * d;      // [kTile, d]
-    float* dV = dK + kTile * d;      // [kTile, d]
-    float* Q = dV + kTile * d;       // [kTile, d]  scaled by 1/sqrt(d)
-    float* dO = Q + kTile * d;       // [kTile, d]
-    float* P = dO + kTile * d;       // [kTile, kTile]
+    float* P = Vt + kTile * d;       // [kTile, kTile]
     float* dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
-    float* D = dS + kTile * kTile;   // [group, N] rowsum(dO * O) of each query head
+    float* T = dS + kTile * kTile;   // [kTile, kTile] P^T, then dS^T
+    float* D = T + kTile * kTile;    // [group, N] rowsum(dO * O) of each query head
 
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < n_tasks; task++) {
@@ -178,61 +234,51 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 
       for (int kt = 0; kt < n_tiles; kt++) {
         const int j0 = kt * kTile, jk = std::min(kTile, N - j0);
-        for (int j = 0; j < jk; j++) {
-          const float* k = qkv + in.offset(b, j0 + j, Hq + kvh);
-          const float* v = qkv + in.offset(b, j0 + j, Hq + Hkv + kvh);
-          std::copy(k, k + d, K + j * d);
-          for (int c = 0; c < d; c++) {
-            Kt[c * kTile + j] = k[c];
-            Vt[c * kTile + j] = v[c];
-          }
-        }
-        std::fill(dK, dK + jk * d, 0.0f);
-        std::fill(dV, dV + jk * d, 0.0f);
+        const int jk4 = round_up(jk, 4), jk8 = round_up(jk, 8);
+        load_rows(K, dp, qkv, in, b, j0, Hq + kvh, jk, jk, 1.0f);
+        load_transposed(Kt, qkv, in, b, j0, Hq + kvh, jk, jk8);
+        load_transposed(Vt, qkv, in, b, j0, Hq + Hkv + kvh, jk, jk8);
+        std::fill(dK, dK + jk4 * dp, 0.0f);
+        std::fill(dV, dV + jk4 * dp, 0.0f);
 
         for (int g = 0; g < group; g++) {
           const int h = h_first + g;
           const float* lse_h = lse + (int64_t(b) * Hq + h) * N;
           const float* D_h = D + int64_t(g) * N;
           for (int qt = kt; qt < n_tiles; qt++) {
-            const int i0 = qt * kTile, iq = std::min(kTile, N - i0);
+            const int i0 = qt * kTile, iq = std::min(kTile, N - i0), iq4 = round_up(iq, 4);
             const bool diagonal = qt == kt;
-            for (int i = 0; i < iq; i++) {
-              const float* q = qkv + in.offset(b, i0 + i, h);
-              for (int c = 0; c < d; c++) Q[i * d + c] = q[c] * scale;
-              const float* go = dout + o.offset(b, i0 + i, h);
-              std::copy(go, go + d, dO + i * d);
-            }
+            load_rows(Q, dp, qkv, in, b, i0, h, iq, iq4, scale);
+            load_rows(dO, dp, dout, o, b, i0, h, iq, iq4, 1.0f);
+            tile_gemm<false>(P, kTile, Q, dp, Kt, kTile, iq4, jk8, d);    // S
+            tile_gemm<false>(dS, kTile, dO, dp, Vt, kTile, iq4, jk8, d);  // dP = dO V^T
             for (int i = 0; i < iq; i++) {
               const int jn = diagonal ? std::min(jk, i + 1) : jk;
               float* p = P + i * kTile;
               float* ds = dS + i * kTile;
-              // P = exp(S - lse) and dP = dO V^T, row i
-              std::fill(p, p + jn, 0.0f);
-              std::fill(ds, ds + jn, 0.0f);
-              for (int c = 0; c < d; c++) {
-                axpy(p, Kt + c * kTile, Q[i * d + c], jn);
-                axpy(ds, Vt + c * kTile, dO[i * d + c], jn);
-              }
               const float lse_i = lse_h[i0 + i], D_i = D_h[i0 + i];
-              for (int j = 0; j < jn; j++) {
-                p[j] = std::exp(p[j] - lse_i);
-                ds[j] = p[j] * (ds[j] - D_i);
-              }
-              // dV += P^T dO;  dK += dS^T Q (Q already scaled);  dQ += dS K / sqrt(d)
+              for (int j = 0; j < jn; j++) p[j] = exp_approx(p[j] - lse_i);
+              std::fill(p + jn, p + jk8, 0.0f);
+              for (int j = 0; j < jk8; j++) ds[j] = p[j] * (ds[j] - D_i);
+            }
+            std::fill(P + iq * kTile, P + iq4 * kTile, 0.0f);
+            std::fill(dS + iq * kTile, dS + iq4 * kTile, 0.0f);
+
+            transpose_tile(T, P, iq, jk4);
+            tile_gemm<true>(dV, dp, T, kTile, dO, dp, jk4, dp, iq);   // dV += P^T dO
+            transpose_tile(T, dS, iq, jk4);
+            tile_gemm<true>(dK, dp, T, kTile, Q, dp, jk4, dp, iq);    // dK += dS^T Q (Q scaled)
+            tile_gemm<false>(dQ, dp, dS, kTile, K, dp, iq4, dp, jk);  // dS K
+            for (int i = 0; i < iq; i++) {
               float* dq = dqkv + in.offset(b, i0 + i, h);
-              for (int j = 0; j < jn; j++) {
-                axpy(dV + j * d, dO + i * d, p[j], d);
-                axpy(dK + j * d, Q + i * d, ds[j], d);
-                axpy(dq, K + j * d, ds[j] * scale, d);
-              }
+              for (int c = 0; c < d; c++) dq[c] += dQ[i * dp + c] * scale;
             }
           }
         }
 
         for (int j = 0; j < jk; j++) {
-          std::copy(dK + j * d, dK + (j + 1) * d, dqkv + in.offset(b, j0 + j, Hq + kvh));
-          std::copy(dV + j * d, dV + (j + 1) * d, dqkv + in.offset(b, j0 + j, Hq + Hkv + kvh));
+          std::copy(dK + j * dp, dK + j * dp + d, dqkv + in.offset(b, j0 + j, Hq + kvh));
+          std::copy(dV + j * dp, dV + j * dp + d, dqkv + in.offset(b, j0 + j, Hq + Hkv + kvh));
         }
       }
     }

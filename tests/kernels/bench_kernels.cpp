@@ -2,6 +2,7 @@
 //   gpt2-124m: B=4, N=64,   C=768, H=12 (d=64), V=50257 (padded 50304), 12 layers
 //   long-1k:   B=1, N=1024, C=256, H=4  (d=64), V=50257 (padded 50304), 4 layers
 // or one custom shape: bench_kernels B N C H V L. Not a test: it checks nothing.
+// Columns: wall ms per call, process CPU ms per call (all threads), GFLOP/s and GB/s from wall.
 // FLOP counts are nominal: 2 per multiply-add in the products; causal attention counts the
 // N(N+1)/2 visible pairs only (forward 2 products, backward 5); elementwise ops count a few flops
 // per element as noted. GB/s counts each input read and each output written once.
@@ -9,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <functional>
 #include <random>
 #include <string>
@@ -34,24 +36,30 @@ std::vector<float> randn(size_t n, float stddev, std::mt19937& gen) {
   return v;
 }
 
-// Mean milliseconds of f over at least 3 runs and about 0.3 s, after one warm-up run.
-double time_ms(const std::function<void()>& f) {
+struct Timing {
+  double wall_ms, cpu_ms;  // per call; cpu: the process's CPU time (all threads)
+};
+
+// Mean time of f over at least 3 runs and about 0.3 s, after one warm-up run. On a shared machine
+// the wall time includes waiting for a core; with one thread the CPU time does not.
+Timing time_ms(const std::function<void()>& f) {
   using clock = std::chrono::steady_clock;
   f();
   int reps = 0;
   const auto t0 = clock::now();
+  const std::clock_t c0 = std::clock();
   double elapsed = 0.0;
   while (reps < 3 || elapsed < 0.3) {
     f();
     reps++;
     elapsed = std::chrono::duration<double>(clock::now() - t0).count();
   }
-  return 1e3 * elapsed / reps;
+  return {1e3 * elapsed / reps, 1e3 * double(std::clock() - c0) / CLOCKS_PER_SEC / reps};
 }
 
-void report(const char* op, double ms, double flops, double bytes) {
-  std::printf("  %-28s %10.3f ms %9.2f GFLOP/s %8.2f GB/s\n", op, ms, flops / (ms * 1e6),
-              bytes / (ms * 1e6));
+void report(const char* op, Timing t, double flops, double bytes) {
+  std::printf("  %-28s %10.3f ms %10.3f cpu-ms %9.2f GFLOP/s %8.2f GB/s\n", op, t.wall_ms,
+              t.cpu_ms, flops / (t.wall_ms * 1e6), bytes / (t.wall_ms * 1e6));
 }
 
 void bench(const Shape& s) {
