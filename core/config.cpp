@@ -192,6 +192,10 @@ const std::vector<Field>& config_fields() {
                     .one_of({"flash", "cudnn"}));
     f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads).at_least(0));
     f.push_back(field("runtime.comm_timeout", &C::runtime, &RuntimeConfig::comm_timeout).positive());
+    f.push_back(field("runtime.debug_inject_nan_step", &C::runtime, &RuntimeConfig::debug_inject_nan_step)
+                    .at_least(0));
+    f.push_back(field("runtime.debug_inject_nan_steps", &C::runtime, &RuntimeConfig::debug_inject_nan_steps)
+                    .at_least(1));
     // checkpoint
     f.push_back(field("checkpoint.dir", &C::checkpoint, &CheckpointConfig::dir));
     f.push_back(field("checkpoint.interval", &C::checkpoint, &CheckpointConfig::interval).at_least(0));

@@ -70,6 +70,10 @@ struct RuntimeConfig {
   std::string attention = "flash"; // flash | cudnn (cuda only)
   int threads = 0;                 // OpenMP threads per rank; 0: cores / local ranks
   double comm_timeout = 300.0;     // seconds before a stuck collective aborts the job
+  // Testing aid (docs/reliability.md): poison one gradient with NaN on the last rank at steps
+  // debug_inject_nan_step .. + debug_inject_nan_steps - 1 (1-based); 0: off.
+  int debug_inject_nan_step = 0;
+  int debug_inject_nan_steps = 1;
 };
 
 struct CheckpointConfig {

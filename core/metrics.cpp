@@ -44,8 +44,9 @@ void MetricsWriter::write(const StepMetrics& m) {
   for (size_t c = 0; c < size_t(Collective::count); ++c)
     line += fmt::format("{}\"{}\": {}", c ? ", " : "", collective_name(Collective(c)), m.comm.bytes_sent[c]);
   line += "}}\n";
-  std::fputs(line.c_str(), f_);
-  std::fflush(f_);
+  // A full disk must not lose the metrics silently.
+  if (std::fputs(line.c_str(), f_) == EOF || std::fflush(f_) != 0)
+    throw_user_error("logging.metrics_file '{}': write failed: {}", path_, std::strerror(errno));
 }
 
 }  // namespace ulysses

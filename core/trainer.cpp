@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <random>
 #include <thread>
@@ -19,6 +20,7 @@
 #include <spdlog/spdlog.h>
 
 #include "comm/groups.h"
+#include "comm/watchdog.h"
 #include "core/checkpoint.h"
 #include "core/data.h"
 #include "core/error.h"
@@ -26,6 +28,7 @@
 #include "core/llmc.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
+#include "core/signals.h"
 #include "core/tokenizer.h"
 
 namespace ulysses {
@@ -130,6 +133,22 @@ std::string sample(const Config& cfg, GPT& trained, Tokenizer& tok) {
   return tok.decode(generated);
 }
 
+// Resuming with another layout (e.g. a checkpoint of SP 4 x DP 1 into SP 2 x DP 2). Checkpoints
+// hold the whole parameters and the whole AdamW state (ZeRO shards are gathered when saving) and
+// the data position in global sequences (core/data.h), so any DP x SP layout continues from
+// them; what is checked here is that the recorded layout is one a run could have had.
+void check_resume_layout(const std::string& path, const TrainState& saved, int world_size, int sequence_parallel) {
+  if (saved.world_size < 1 || saved.sequence_parallel < 1 || saved.world_size % saved.sequence_parallel != 0)
+    throw_user_error("{}/state.yaml: the recorded layout (world_size {}, sequence_parallel {}) is not a valid "
+                     "DP x SP layout: the checkpoint is damaged",
+                     path, saved.world_size, saved.sequence_parallel);
+  if (saved.world_size != world_size || saved.sequence_parallel != sequence_parallel)
+    spdlog::info("resuming a checkpoint written with SP {} x DP {} ({} ranks) as SP {} x DP {} ({} ranks): "
+                 "parameters and optimizer state are whole, the data position carries over",
+                 saved.sequence_parallel, saved.world_size / saved.sequence_parallel, saved.world_size,
+                 sequence_parallel, world_size / sequence_parallel, world_size);
+}
+
 }  // namespace
 
 int run_train(const Config& cfg, MpiRuntime& mpi) {
@@ -140,7 +159,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
     llmc_header_for(cfg.model);  // fails now, not after training, when llm.c cannot hold this model
 
+  // Reliability (docs/reliability.md): SIGTERM / SIGUSR1 / SIGINT stop the run cleanly at a step
+  // boundary; every collective on the groups below is timed by the watchdog, which aborts the
+  // job when one takes longer than runtime.comm_timeout. Declared first: they outlive the groups.
+  StopSignals stop_signals;
+  Watchdog watchdog(mpi.world_rank, cfg.runtime.comm_timeout);
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
+  watch_process_groups(groups, watchdog);
   Communicator& world = *groups.world;
   const int P = groups.sp_size, DP = groups.dp_size;
   const int B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
@@ -166,6 +191,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     on_root(world, [&] {
       state = load_checkpoint(*resume, shape, model.params_flat().f32(), optimizer.m().f32(), optimizer.v().f32(),
                               n_params);
+      check_resume_layout(*resume, state, mpi.world_size, P);
     });
     // rank 0 read it; everybody gets the same bits
     world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
@@ -228,6 +254,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   double last_val = -1;
   for (int step = state.step; step < cfg.train.max_steps; ++step) {
     const auto t0 = Clock::now();
+    watchdog.set_step(step + 1);
     groups.world->counters().reset();
     if (groups.sequence) groups.sequence->counters().reset();
 
@@ -239,6 +266,12 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       sums[0] += model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
       sums[1] += double(count);
     }
+    // Testing aid (runtime.debug_inject_nan_step): a NaN in one rank's gradient must reach every
+    // rank through the all-reduce and make the step skip.
+    const RuntimeConfig& rt = cfg.runtime;
+    if (rt.debug_inject_nan_step > 0 && step + 1 >= rt.debug_inject_nan_step &&
+        step + 1 < rt.debug_inject_nan_step + rt.debug_inject_nan_steps && world.rank() == world.size() - 1)
+      model.grads_flat().f32()[0] = std::numeric_limits<float>::quiet_NaN();
     // every rank holds the same parameters and saw different tokens: sum over DP × SP
     world.all_reduce(model.grads_flat().data, model.grads_flat().data, size_t(n_params), DType::f32, ReduceOp::sum);
     world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
@@ -259,7 +292,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       spdlog::warn("step {}: non-finite loss ({}) or gradient norm ({}): update skipped ({} in a row)", step + 1, loss,
                    grad_norm, state.skipped_in_a_row);
       if (state.skipped_in_a_row >= cfg.train.max_skipped_steps)
-        throw UserError(fmt::format("{} consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps"
+        throw AllRanksUserError(fmt::format("{} consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps"
                                     " = {}); stopping. The last checkpoint (if any) is intact.",
                                     state.skipped_in_a_row, cfg.train.max_skipped_steps));
     } else {
@@ -291,7 +324,23 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
                    lr, grad_norm, m.step_ms, m.tokens_per_second, m.tflops_per_rank, m.peak_memory_gib,
                    format_duration(eta));
     }
-    if (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0 && !last) save(step + 1);
+    const bool saved = cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0 && !last;
+    if (saved) save(step + 1);
+    // Graceful stop: one all-reduce(max) so every rank stops after the same step, even when only
+    // one of them was signalled. The last step ends normally below.
+    if (const int signo = stop_signals.agree(world); signo != 0 && !last) {
+      if (!saved) save(step + 1);
+      if (world.rank() == 0 && cfg.checkpoint.dir.empty()) {
+        spdlog::warn("{}: stopped after step {} of {}; no checkpoint was written (checkpoint.dir is not set), "
+                     "so this run's progress is lost",
+                     signal_name(signo), step + 1, cfg.train.max_steps);
+      } else if (world.rank() == 0) {
+        spdlog::warn("{}: stopped after step {} of {}; checkpoint {}/step_{:08d} written. To continue, rerun the "
+                     "same command with --set checkpoint.resume=auto",
+                     signal_name(signo), step + 1, cfg.train.max_steps, cfg.checkpoint.dir, step + 1);
+      }
+      return 0;
+    }
   }
   if (first_step < cfg.train.max_steps) save(cfg.train.max_steps);
   if (!cfg.checkpoint.export_llmc.empty()) {
