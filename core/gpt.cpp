@@ -72,6 +72,22 @@ Tensor layer_slice(const Tensor& stacked, int l) {
 
 // ---- activations --------------------------------------------------------------------------------
 
+Recompute parse_recompute(const std::string& name) {
+  if (name == "none") return Recompute::none;
+  if (name == "selective") return Recompute::selective;
+  if (name == "full") return Recompute::full;
+  throw_user_error("runtime.recompute: expected none, selective or full, got '{}'", name);
+}
+
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::none: return "none";
+    case Recompute::selective: return "selective";
+    case Recompute::full: return "full";
+  }
+  return "?";
+}
+
 struct GPT::Layer {
   Tensor ln1, ln1_mean, ln1_rstd;   // [B*T, C], [B*T], [B*T]
   Tensor qkv_full;                  // [B, N, hq+2hkv, d]   (P = 1: the local qkv)
@@ -79,9 +95,145 @@ struct GPT::Layer {
   Tensor att;                       // [B*T, C]             (P = 1: att_full's memory)
   Tensor residual2;                 // [B*T, C]
   Tensor ln2, ln2_mean, ln2_rstd;   // [B*T, C], [B*T], [B*T]
-  Tensor fch, fch_gelu;             // [B*T, 4C]
+  Tensor fch, fch_gelu;             // [B*T, 4C], or [chunk, 4C] when the MLP is tiled
   Tensor residual3;                 // [B*T, C]  the block's output
 };
+
+struct GPT::Activations {
+  Tensor tokens, targets, positions;     // [B*T] i32
+  Tensor encoded;                        // [B*T, C]
+  std::vector<Layer> layers;             // fields not stored per layer alias `work` / `ln_work`
+  Layer work;                            // full recompute: the one layer workspace
+  Tensor ln_work;                        // selective: LayerNorm outputs of every layer, [B*T, C]
+  Tensor lnf, lnf_mean, lnf_rstd;        // [B*T, C], [B*T], [B*T]
+  Tensor losses;                         // [B*T]
+  Tensor logits;                         // [lm_head_chunk, Vp]
+  // scratch
+  Tensor qkv_local, dqkv_local;          // [B, T, Hq+2Hkv, d] (P > 1)
+  Tensor dqkv_full, datt_full;           // [B, N, hq+2hkv, d], [B, N, hq, d]
+  Tensor dres, dlnf, dln, datt;          // [B*T, C]
+  Tensor dfch_gelu, dfch;                // [mlp_chunk, 4C]
+  Tensor sp_send, sp_recv;
+};
+
+// What is stored where, per recompute mode (and MLP tiling, which makes fch / fch_gelu
+// chunk-sized and recomputed per chunk in backward):
+//   none:      every Layer field per layer
+//   selective: ln1 and ln2 of every layer share ln_work; fch_gelu shares work.fch_gelu
+//   full:      only residual3 per layer; the rest of every Layer is `work`
+// Reserves into `arena` (which is not allocated here); `slots` gets the (view, offset) pairs the
+// constructor turns into tensors, `list` the description the memory estimate reads.
+void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Activations& A,
+                  Arena& arena, std::vector<ActivationBuffer>* list, std::vector<std::pair<Tensor*, size_t>>* slots) {
+  const int B = run.B, N = run.N, P = run.P, C = s.C, d = s.d;
+  const int64_t BT = run.rows(), chunk = run.mlp_chunk();
+  const int Htot = s.qkv_heads(), hloc = hq + 2 * hkv;
+  const Recompute rc = run.recompute;
+  auto want = [&](Tensor& t, const char* name, const char* kind, int layer, std::initializer_list<int64_t> dims,
+                  DType dt = DType::f32) {
+    ActivationBuffer b{name, kind, layer, std::vector<int64_t>(dims), dt, 0};
+    int64_t n = 1;
+    for (int64_t v : dims) n *= v;
+    const size_t before = arena.bytes();
+    const size_t off = arena.reserve(size_t(n) * dtype_size(dt));
+    b.bytes = arena.bytes() - before;
+    t.ndim = int(b.dims.size());
+    for (int k = 0; k < t.ndim; ++k) t.shape[k] = b.dims[size_t(k)];
+    t.dtype = dt;
+    if (slots) slots->push_back({&t, off});
+    if (list) list->push_back(std::move(b));
+  };
+  want(A.tokens, "tokens", "inputs", -1, {BT}, DType::i32);
+  want(A.targets, "targets", "inputs", -1, {BT}, DType::i32);
+  want(A.positions, "positions", "inputs", -1, {BT}, DType::i32);
+  want(A.encoded, "encoded", "layer", -1, {BT, C});
+  A.layers.assign(size_t(s.L), Layer{});
+  // the shared buffers first: fields below that are not per layer alias them
+  Layer& w = A.work;
+  if (rc == Recompute::full) {
+    want(w.ln1, "ln1/ln2", "recompute", -1, {BT, C});
+    want(w.ln1_mean, "ln1_mean", "recompute", -1, {BT});
+    want(w.ln1_rstd, "ln1_rstd", "recompute", -1, {BT});
+    want(w.qkv_full, "qkv", "recompute", -1, {B, N, hloc, d});
+    want(w.att_full, "att", "recompute", -1, {B, N, hq, d});
+    want(w.lse, "lse", "recompute", -1, {B, hq, N});
+    if (P > 1) want(w.att, "att_local", "recompute", -1, {BT, C});
+    want(w.residual2, "residual2", "recompute", -1, {BT, C});
+    w.ln2 = w.ln1;
+    want(w.ln2_mean, "ln2_mean", "recompute", -1, {BT});
+    want(w.ln2_rstd, "ln2_rstd", "recompute", -1, {BT});
+  } else if (rc == Recompute::selective) {
+    want(A.ln_work, "ln1/ln2", "recompute", -1, {BT, C});
+  }
+  const bool shared_mlp = rc != Recompute::none || run.mlp_tiled();
+  if (shared_mlp) {
+    // tiled: one chunk, recomputed per chunk in backward; full: one layer's worth
+    if (run.mlp_tiled() || rc == Recompute::full) want(w.fch, "fch", "recompute", -1, {chunk, 4 * C});
+    want(w.fch_gelu, "fch_gelu", "recompute", -1, {chunk, 4 * C});
+  }
+  for (int l = 0; l < s.L; ++l) {
+    Layer& a = A.layers[size_t(l)];
+    if (rc == Recompute::full) {
+      a = w;
+      want(a.residual3, "residual3", "layer", l, {BT, C});
+      continue;
+    }
+    if (rc == Recompute::selective) {
+      a.ln1 = a.ln2 = A.ln_work;
+    } else {
+      want(a.ln1, "ln1", "layer", l, {BT, C});
+    }
+    want(a.ln1_mean, "ln1_mean", "attention_stats", l, {BT});
+    want(a.ln1_rstd, "ln1_rstd", "attention_stats", l, {BT});
+    want(a.qkv_full, "qkv", "layer", l, {B, N, hloc, d});
+    want(a.att_full, "att", "layer", l, {B, N, hq, d});
+    want(a.lse, "lse", "attention_stats", l, {B, hq, N});
+    if (P > 1) want(a.att, "att_local", "layer", l, {BT, C});
+    want(a.residual2, "residual2", "layer", l, {BT, C});
+    if (rc != Recompute::selective) want(a.ln2, "ln2", "layer", l, {BT, C});
+    want(a.ln2_mean, "ln2_mean", "attention_stats", l, {BT});
+    want(a.ln2_rstd, "ln2_rstd", "attention_stats", l, {BT});
+    if (run.mlp_tiled()) {
+      a.fch = w.fch;
+    } else {
+      want(a.fch, "fch", "layer", l, {BT, 4 * C});
+    }
+    if (shared_mlp) {
+      a.fch_gelu = w.fch_gelu;
+    } else {
+      want(a.fch_gelu, "fch_gelu", "layer", l, {BT, 4 * C});
+    }
+    want(a.residual3, "residual3", "layer", l, {BT, C});
+  }
+  want(A.lnf, "lnf", "lm_head", -1, {BT, C});
+  want(A.lnf_mean, "lnf_mean", "lm_head", -1, {BT});
+  want(A.lnf_rstd, "lnf_rstd", "lm_head", -1, {BT});
+  want(A.losses, "losses", "lm_head", -1, {BT});
+  want(A.logits, "logits", "lm_head", -1, {run.lm_head_chunk(), s.Vp});
+  if (P > 1) {
+    want(A.qkv_local, "qkv_local", "comm", -1, {B, run.T(), Htot, d});
+    want(A.dqkv_local, "dqkv_local", "comm", -1, {B, run.T(), Htot, d});
+    want(A.sp_send, "all_to_all_send", "comm", -1, {int64_t(sp_scratch)});
+    want(A.sp_recv, "all_to_all_recv", "comm", -1, {int64_t(sp_scratch)});
+  }
+  want(A.dqkv_full, "dqkv", "backward", -1, {B, N, hloc, d});
+  want(A.datt_full, "datt", "backward", -1, {B, N, hq, d});
+  want(A.dres, "dresidual", "backward", -1, {BT, C});
+  want(A.dlnf, "dlnf", "backward", -1, {BT, C});
+  want(A.dln, "dln", "backward", -1, {BT, C});
+  if (P > 1) want(A.datt, "datt_local", "backward", -1, {BT, C});
+  want(A.dfch_gelu, "dfch_gelu", "backward", -1, {chunk, 4 * C});
+  want(A.dfch, "dfch", "backward", -1, {chunk, 4 * C});
+}
+
+std::vector<ActivationBuffer> GPT::activation_layout(const GPTShape& s, const GPTRunShape& run, int hq, int hkv,
+                                                     size_t sp_scratch_elements) {
+  Activations A;
+  Arena arena("activations (layout only)", Device::cpu);  // reserve() only: nothing is allocated
+  std::vector<ActivationBuffer> list;
+  lay_out(s, run, hq, hkv, sp_scratch_elements, A, arena, &list, nullptr);
+  return list;
+}
 
 GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* seq, GPT* shared_params)
     : shape_(GPTShape::from(cfg)),
@@ -117,13 +269,20 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   if (shared_params) {
     ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C, "shared parameters of another shape");
     params_flat_ = shared_params->params_flat_;
+    params_padded_ = shared_params->params_padded_;
   } else {
-    const size_t p_off = param_arena_.reserve(size_t(n_params) * 4);
+    // zero padding to a multiple of flat_multiple (the arenas are zeroed on allocation and
+    // nothing writes the padding, so it stays 0 through training)
+    const int64_t m = std::max(1, run.flat_multiple);
+    const int64_t n_padded = (n_params + m - 1) / m * m;
+    const size_t p_off = param_arena_.reserve(size_t(n_padded) * 4);
     param_arena_.allocate();
-    params_flat_ = param_arena_.tensor(p_off, {n_params}, DType::f32);
-    const size_t g_off = grad_arena_.reserve(size_t(n_params) * 4);
+    params_padded_ = param_arena_.tensor(p_off, {n_padded}, DType::f32);
+    params_flat_ = params_padded_.rows(0, n_params);
+    const size_t g_off = grad_arena_.reserve(size_t(n_padded) * 4);
     grad_arena_.allocate();
-    grads_flat_ = grad_arena_.tensor(g_off, {n_params}, DType::f32);
+    grads_padded_ = grad_arena_.tensor(g_off, {n_padded}, DType::f32);
+    grads_flat_ = grads_padded_.rows(0, n_params);
     carve(grads_flat_, grads_);
   }
   carve(params_flat_, params_);
@@ -137,83 +296,55 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     hq_ = ulysses_->plan().local_q_heads(seq_->rank());
     hkv_ = ulysses_->plan().local_kv_heads(seq_->rank());
   }
-  const int Htot = s.qkv_heads(), hloc = hq_ + 2 * hkv_;
-
-  // -- activations: reserve everything, allocate once, then take the views
-  std::vector<std::pair<Tensor*, std::pair<std::vector<int64_t>, DType>>> wanted;
-  auto want = [&](Tensor& t, std::initializer_list<int64_t> dims, DType dt = DType::f32) {
-    wanted.push_back({&t, {std::vector<int64_t>(dims), dt}});
-  };
-  want(tokens_, {BT}, DType::i32);
-  want(targets_, {BT}, DType::i32);
-  want(positions_, {BT}, DType::i32);
-  want(encoded_, {BT, C});
-  layers_.resize(s.L);
-  for (Layer& a : layers_) {
-    want(a.ln1, {BT, C});
-    want(a.ln1_mean, {BT});
-    want(a.ln1_rstd, {BT});
-    want(a.qkv_full, {B, N, hloc, d});
-    want(a.att_full, {B, N, hq_, d});
-    want(a.lse, {B, hq_, N});
-    if (P > 1) want(a.att, {BT, C});
-    want(a.residual2, {BT, C});
-    want(a.ln2, {BT, C});
-    want(a.ln2_mean, {BT});
-    want(a.ln2_rstd, {BT});
-    want(a.fch, {BT, 4 * C});
-    want(a.fch_gelu, {BT, 4 * C});
-    want(a.residual3, {BT, C});
-  }
-  want(lnf_, {BT, C});
-  want(lnf_mean_, {BT});
-  want(lnf_rstd_, {BT});
-  want(losses_, {BT});
-  const int64_t chunk = std::min<int64_t>(BT, run.tile_tokens > 0 ? run.tile_tokens : 256);
-  want(logits_, {chunk, s.Vp});
-  if (P > 1) {
-    want(qkv_local_, {B, T, Htot, d});
-    want(dqkv_local_, {B, T, Htot, d});
-    const int64_t scratch = int64_t(ulysses_->scratch_elements());
-    want(sp_send_, {scratch});
-    want(sp_recv_, {scratch});
-  }
-  want(dqkv_full_, {B, N, hloc, d});
-  want(datt_full_, {B, N, hq_, d});
-  want(dres_, {BT, C});
-  want(dlnf_, {BT, C});
-  want(dln_, {BT, C});
-  if (P > 1) want(datt_, {BT, C});
-  want(dfch_gelu_, {BT, 4 * C});
-  want(dfch_, {BT, 4 * C});
-
-  std::vector<size_t> offsets;
-  for (auto& w : wanted) {
-    int64_t n = 1;
-    for (int64_t v : w.second.first) n *= v;
-    offsets.push_back(act_arena_.reserve(size_t(n) * dtype_size(w.second.second)));
-  }
+  // -- activations: reserve everything (lay_out), allocate once, then take the views
+  act_ = std::make_unique<Activations>();
+  Activations& A = *act_;
+  std::vector<std::pair<Tensor*, size_t>> slots;
+  lay_out(s, run, hq_, hkv_, P > 1 ? ulysses_->scratch_elements() : 0, A, act_arena_, nullptr, &slots);
   act_arena_.allocate();
-  for (size_t i = 0; i < wanted.size(); ++i) {
-    const auto& dims = wanted[i].second.first;
-    Tensor t = act_arena_.tensor(offsets[i], {1}, wanted[i].second.second);
-    t.ndim = int(dims.size());
-    for (int k = 0; k < t.ndim; ++k) t.shape[k] = dims[k];
-    ULYSSES_ASSERT(offsets[i] + t.bytes() <= act_arena_.bytes(), "activation overrun");
-    *wanted[i].first = t;
+  for (auto& [t, offset] : slots) {
+    t->data = static_cast<char*>(act_arena_.base()) + offset;
+    t->device = device;
+    ULYSSES_ASSERT(offset + t->bytes() <= act_arena_.bytes(), "activation overrun");
+  }
+  // views that alias a shared buffer were copied from it before it had memory: copy them again
+  if (run.recompute == Recompute::full) A.work.ln2 = A.work.ln1;
+  const bool shared_mlp = run.recompute != Recompute::none || run.mlp_tiled();
+  for (Layer& a : A.layers) {
+    if (run.recompute == Recompute::full) {
+      const Tensor own = a.residual3;
+      a = A.work;
+      a.residual3 = own;
+    } else if (run.recompute == Recompute::selective) {
+      a.ln1 = a.ln2 = A.ln_work;
+    }
+    if (run.mlp_tiled()) a.fch = A.work.fch;
+    if (shared_mlp) a.fch_gelu = A.work.fch_gelu;
   }
   if (P == 1) {
     // attention works in place on the local tensors: no all-to-all, no copies
-    for (Layer& a : layers_) a.att = a.att_full.reshape({BT, C});
-    datt_ = datt_full_.reshape({BT, C});
+    for (Layer& a : A.layers) a.att = a.att_full.reshape({BT, C});
+    A.work.att = A.work.att_full.empty() ? Tensor() : A.work.att_full.reshape({BT, C});
+    A.datt = A.datt_full.reshape({BT, C});
   } else {
-    ulysses_->set_scratch(sp_send_, sp_recv_);
+    ulysses_->set_scratch(A.sp_send, A.sp_recv);
   }
 }
 
 GPT::~GPT() = default;
 
 size_t GPT::activation_bytes() const { return act_arena_.bytes(); }
+
+void GPT::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+  if (counting_) op_counts_.matmul_flops += 2ull * uint64_t(out.numel()) * uint64_t(inp.size(-1));
+  ops::matmul_forward(ctx_, out, inp, weight, bias);
+}
+
+void GPT::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
+  const uint64_t one = 2ull * uint64_t(dout.numel()) * uint64_t(inp.size(-1));  // 2 M OC IC
+  if (counting_) op_counts_.matmul_flops += (dinp.empty() ? 0 : one) + (dweight.empty() ? 0 : one);
+  ops::matmul_backward(ctx_, dinp, dweight, dbias, dout, inp, weight);
+}
 
 // ---- init -------------------------------------------------------------------------------------
 
@@ -262,19 +393,21 @@ void GPT::zero_grad() { ops::fill_zero(ctx_, grads_flat_); }
 void GPT::attention_forward(Layer& a, int l) {
   const GPTShape& s = shape_;
   const int B = run_.B, T = run_.T(), d = s.d;
+  Activations& A = *act_;
   auto& p = params_;
   // qkv = ln1 · Wqkv + b        [B*T, C] -> [B, T, Hq + 2Hkv, d]
-  Tensor qkv = run_.P > 1 ? qkv_local_ : a.qkv_full;
-  ops::matmul_forward(ctx_, qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1,
-                      layer_slice(p.qkvw(), l), layer_slice(p.qkvb(), l));
+  Tensor qkv = run_.P > 1 ? A.qkv_local : a.qkv_full;
+  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l),
+                 layer_slice(p.qkvb(), l));
   if (s.rope) {  // rotate q and k by their global positions, before they leave the rank
-    ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, positions_, s.rope_theta);
+    ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   }
   if (run_.P > 1) {
     // all-to-all #1: [B, N/P, Hq + 2Hkv, d] -> [B, N, hq + 2hkv, d]
-    ulysses_->all_to_all_qkv_heads_to_seq(ctx_, a.qkv_full, qkv_local_);
+    ulysses_->all_to_all_qkv_heads_to_seq(ctx_, a.qkv_full, A.qkv_local);
   }
   // causal attention over all N tokens for this rank's heads: [B, N, hq, d], lse [B, hq, N]
+  if (counting_) op_counts_.attention_flops += 2ull * uint64_t(B) * uint64_t(hq_) * uint64_t(run_.N) * uint64_t(run_.N) * uint64_t(d);
   ops::attention_forward(ctx_, a.att_full, a.lse, a.qkv_full, hq_, hkv_);
   if (run_.P > 1) {
     // all-to-all #2: [B, N, hq, d] -> [B, N/P, Hq, d] = [B*T, C]
@@ -282,11 +415,40 @@ void GPT::attention_forward(Layer& a, int l) {
   }
 }
 
+// The MLP in chunks of mlp_chunk() rows (one chunk when untiled): fc -> gelu -> fcproj per chunk,
+// so fch / fch_gelu need only [chunk, 4C]. Leaves residual3 = fcproj(...) (residual added after).
+void GPT::mlp_forward(Layer& a, int l) {
+  const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
+  auto& p = params_;
+  for (int64_t r = 0; r < BT; r += chunk) {
+    const int64_t n = std::min(chunk, BT - r);
+    Tensor fch = a.fch.rows(run_.mlp_tiled() ? 0 : r, n), gelu = a.fch_gelu.rows(0, n);
+    matmul_forward(fch, a.ln2.rows(r, n), layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+    ops::gelu_forward(ctx_, gelu, fch);
+    matmul_forward(a.residual3.rows(r, n), gelu, layer_slice(p.fcprojw(), l), layer_slice(p.fcprojb(), l));
+  }
+}
+
+void GPT::block_forward(Layer& a, int l, Tensor x) {
+  auto& p = params_;
+  // attention block: x + Wo · attention(LN1(x))
+  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l), layer_slice(p.ln1b(), l));
+  attention_forward(a, l);
+  matmul_forward(a.residual2, a.att, layer_slice(p.attprojw(), l), layer_slice(p.attprojb(), l));
+  ops::residual_forward(ctx_, a.residual2, a.residual2, x);
+  // MLP block: x + W2 · gelu(W1 · LN2(x))
+  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
+                         layer_slice(p.ln2b(), l));
+  mlp_forward(a, l);
+  ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
+}
+
 void GPT::forward(const int32_t* tokens, const int32_t* positions) {
   const GPTShape& s = shape_;
-  const int64_t BT = int64_t(run_.B) * run_.T();
-  std::memcpy(tokens_.data, tokens, size_t(BT) * 4);
-  std::memcpy(positions_.data, positions, size_t(BT) * 4);
+  Activations& A = *act_;
+  const int64_t BT = run_.rows();
+  std::memcpy(A.tokens.data, tokens, size_t(BT) * 4);
+  std::memcpy(A.positions.data, positions, size_t(BT) * 4);
   for (int64_t i = 0; i < BT; ++i) {
     if (tokens[i] < 0 || tokens[i] >= s.V)
       throw_user_error("token id {} at position {} is outside the vocabulary [0, {})", tokens[i], i, s.V);
@@ -295,25 +457,14 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
   }
   auto& p = params_;
   // x = wte[tokens] + wpe[positions]                          [B*T, C]
-  ops::embedding_forward(ctx_, encoded_, tokens_, positions_, p.wte(), s.rope ? Tensor() : p.wpe());
-  Tensor x = encoded_;
+  ops::embedding_forward(ctx_, A.encoded, A.tokens, A.positions, p.wte(), s.rope ? Tensor() : p.wpe());
+  Tensor x = A.encoded;
   for (int l = 0; l < s.L; ++l) {
-    Layer& a = layers_[l];
-    // attention block: x + Wo · attention(LN1(x))
-    ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l), layer_slice(p.ln1b(), l));
-    attention_forward(a, l);
-    ops::matmul_forward(ctx_, a.residual2, a.att, layer_slice(p.attprojw(), l), layer_slice(p.attprojb(), l));
-    ops::residual_forward(ctx_, a.residual2, a.residual2, x);
-    // MLP block: x + W2 · gelu(W1 · LN2(x))
-    ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
-                           layer_slice(p.ln2b(), l));
-    ops::matmul_forward(ctx_, a.fch, a.ln2, layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
-    ops::gelu_forward(ctx_, a.fch_gelu, a.fch);
-    ops::matmul_forward(ctx_, a.residual3, a.fch_gelu, layer_slice(p.fcprojw(), l), layer_slice(p.fcprojb(), l));
-    ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
+    Layer& a = A.layers[size_t(l)];
+    block_forward(a, l, x);
     x = a.residual3;
   }
-  ops::layernorm_forward(ctx_, lnf_, lnf_mean_, lnf_rstd_, x, p.lnfw(), p.lnfb());
+  ops::layernorm_forward(ctx_, A.lnf, A.lnf_mean, A.lnf_rstd, x, p.lnfw(), p.lnfb());
 }
 
 // The LM head (tied to wte) and the loss, in chunks of rows so the [B*T, Vp] logits are never
@@ -321,26 +472,28 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
 // straight into dlnf and dwte.
 double GPT::classifier(const int32_t* targets, bool backward, int64_t* count) {
   const GPTShape& s = shape_;
-  const int64_t BT = int64_t(run_.B) * run_.T();
-  std::memcpy(targets_.data, targets, size_t(BT) * 4);
+  Activations& A = *act_;
+  const int64_t BT = run_.rows();
+  std::memcpy(A.targets.data, targets, size_t(BT) * 4);
   int64_t valid = 0;
   for (int64_t i = 0; i < BT; ++i) {
     if (targets[i] >= s.V)
       throw_user_error("target token id {} at position {} is outside the vocabulary [0, {})", targets[i], i, s.V);
     valid += targets[i] >= 0;
   }
-  if (backward) ops::fill_zero(ctx_, dlnf_);
-  const int64_t chunk = logits_.shape[0];
+  if (backward) ops::fill_zero(ctx_, A.dlnf);
+  const int64_t chunk = A.logits.shape[0];
   for (int64_t r = 0; r < BT; r += chunk) {
     const int64_t n = std::min(chunk, BT - r);
-    Tensor logits = logits_.rows(0, n);
-    Tensor lnf = lnf_.rows(r, n);
-    ops::matmul_forward(ctx_, logits, lnf, params_.wte(), Tensor());
-    ops::crossentropy_forward_backward(ctx_, losses_.rows(r, n), logits, targets_.rows(r, n), s.V, backward ? 1.f : 0.f);
-    if (backward) ops::matmul_backward(ctx_, dlnf_.rows(r, n), grads_.wte(), Tensor(), logits, lnf, params_.wte());
+    Tensor logits = A.logits.rows(0, n);
+    Tensor lnf = A.lnf.rows(r, n);
+    matmul_forward(logits, lnf, params_.wte(), Tensor());
+    ops::crossentropy_forward_backward(ctx_, A.losses.rows(r, n), logits, A.targets.rows(r, n), s.V,
+                                       backward ? 1.f : 0.f);
+    if (backward) matmul_backward(A.dlnf.rows(r, n), grads_.wte(), Tensor(), logits, lnf, params_.wte());
   }
   double sum = 0;
-  const float* l = losses_.f32();
+  const float* l = A.losses.f32();
   for (int64_t i = 0; i < BT; ++i) sum += l[i];
   *count = valid;
   return sum;
@@ -350,59 +503,96 @@ double GPT::classifier(const int32_t* targets, bool backward, int64_t* count) {
 
 void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   const GPTShape& s = shape_;
+  Activations& A = *act_;
   const int B = run_.B, T = run_.T(), d = s.d;
   auto& p = params_;
   auto& g = grads_;
   // out = att · Wo + b: d(att) = dres · Wo
-  ops::fill_zero(ctx_, datt_);
-  ops::matmul_backward(ctx_, datt_, layer_slice(g.attprojw(), l), layer_slice(g.attprojb(), l), dres, a.att,
-                       layer_slice(p.attprojw(), l));
+  ops::fill_zero(ctx_, A.datt);
+  matmul_backward(A.datt, layer_slice(g.attprojw(), l), layer_slice(g.attprojb(), l), dres, a.att,
+                  layer_slice(p.attprojw(), l));
   if (run_.P > 1) {
     // backward of #2: [B, N/P, Hq, d] -> [B, N, hq, d]
-    ulysses_->all_to_all_out_heads_to_seq(ctx_, datt_full_, datt_.reshape({B, T, s.Hq, d}));
+    ulysses_->all_to_all_out_heads_to_seq(ctx_, A.datt_full, A.datt.reshape({B, T, s.Hq, d}));
   }
-  ops::attention_backward(ctx_, dqkv_full_, datt_full_, a.qkv_full, a.att_full, a.lse, hq_, hkv_);
-  Tensor dqkv = dqkv_full_;
+  if (counting_) op_counts_.attention_flops += 4ull * uint64_t(B) * uint64_t(hq_) * uint64_t(run_.N) * uint64_t(run_.N) * uint64_t(d);
+  ops::attention_backward(ctx_, A.dqkv_full, A.datt_full, a.qkv_full, a.att_full, a.lse, hq_, hkv_);
+  Tensor dqkv = A.dqkv_full;
   if (run_.P > 1) {
     // backward of #1: [B, N, hq + 2hkv, d] -> [B, N/P, Hq + 2Hkv, d]
-    ulysses_->all_to_all_qkv_seq_to_heads(ctx_, dqkv_local_, dqkv_full_);
-    dqkv = dqkv_local_;
+    ulysses_->all_to_all_qkv_seq_to_heads(ctx_, A.dqkv_local, A.dqkv_full);
+    dqkv = A.dqkv_local;
   }
-  if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, positions_, s.rope_theta);
+  if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   // qkv = ln1 · Wqkv + b
-  ops::fill_zero(ctx_, dln_);
-  ops::matmul_backward(ctx_, dln_, layer_slice(g.qkvw(), l), layer_slice(g.qkvb(), l),
-                       dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l));
+  ops::fill_zero(ctx_, A.dln);
+  matmul_backward(A.dln, layer_slice(g.qkvw(), l), layer_slice(g.qkvb(), l),
+                  dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l));
+}
+
+// residual3 = residual2 + W2 · gelu(W1 · LN2(residual2)), chunk by chunk; leaves d(LN2 out) in
+// dln. A tiled MLP recomputes each chunk's fch and gelu first (they were not kept).
+void GPT::mlp_backward(Layer& a, int l) {
+  Activations& A = *act_;
+  auto& p = params_;
+  auto& g = grads_;
+  const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
+  const bool tiled = run_.mlp_tiled();
+  ops::fill_zero(ctx_, A.dln);
+  for (int64_t r = 0; r < BT; r += chunk) {
+    const int64_t n = std::min(chunk, BT - r);
+    Tensor fch = a.fch.rows(tiled ? 0 : r, n), gelu = a.fch_gelu.rows(0, n), ln2 = a.ln2.rows(r, n);
+    if (tiled) {
+      counting_ = false;
+      matmul_forward(fch, ln2, layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+      counting_ = true;
+    }
+    if (tiled || run_.recompute == Recompute::selective) ops::gelu_forward(ctx_, gelu, fch);
+    Tensor dgelu = A.dfch_gelu.rows(0, n), dfch = A.dfch.rows(0, n);
+    ops::fill_zero(ctx_, dgelu);
+    matmul_backward(dgelu, layer_slice(g.fcprojw(), l), layer_slice(g.fcprojb(), l), A.dres.rows(r, n), gelu,
+                    layer_slice(p.fcprojw(), l));
+    ops::fill_zero(ctx_, dfch);
+    ops::gelu_backward(ctx_, dfch, fch, dgelu);
+    matmul_backward(A.dln.rows(r, n), layer_slice(g.fcw(), l), layer_slice(g.fcb(), l), dfch, ln2,
+                    layer_slice(p.fcw(), l));
+  }
 }
 
 void GPT::backward() {
   const GPTShape& s = shape_;
+  Activations& A = *act_;
   auto& p = params_;
   auto& g = grads_;
   // dres: the gradient of the residual stream, walked from the top down
-  ops::fill_zero(ctx_, dres_);
-  const Tensor top = s.L > 0 ? layers_[s.L - 1].residual3 : encoded_;
-  ops::layernorm_backward(ctx_, dres_, g.lnfw(), g.lnfb(), dlnf_, top, p.lnfw(), lnf_mean_, lnf_rstd_);
+  ops::fill_zero(ctx_, A.dres);
+  const Tensor top = s.L > 0 ? A.layers[size_t(s.L - 1)].residual3 : A.encoded;
+  ops::layernorm_backward(ctx_, A.dres, g.lnfw(), g.lnfb(), A.dlnf, top, p.lnfw(), A.lnf_mean, A.lnf_rstd);
   for (int l = s.L - 1; l >= 0; --l) {
-    Layer& a = layers_[l];
-    const Tensor x = l > 0 ? layers_[l - 1].residual3 : encoded_;
-    // MLP block: residual3 = residual2 + W2 · gelu(W1 · LN2(residual2))
-    ops::fill_zero(ctx_, dfch_gelu_);
-    ops::matmul_backward(ctx_, dfch_gelu_, layer_slice(g.fcprojw(), l), layer_slice(g.fcprojb(), l), dres_, a.fch_gelu,
-                         layer_slice(p.fcprojw(), l));
-    ops::fill_zero(ctx_, dfch_);
-    ops::gelu_backward(ctx_, dfch_, a.fch, dfch_gelu_);
-    ops::fill_zero(ctx_, dln_);
-    ops::matmul_backward(ctx_, dln_, layer_slice(g.fcw(), l), layer_slice(g.fcb(), l), dfch_, a.ln2,
-                         layer_slice(p.fcw(), l));
-    ops::layernorm_backward(ctx_, dres_, layer_slice(g.ln2w(), l), layer_slice(g.ln2b(), l), dln_, a.residual2,
+    Layer& a = A.layers[size_t(l)];
+    const Tensor x = l > 0 ? A.layers[size_t(l - 1)].residual3 : A.encoded;
+    if (run_.recompute == Recompute::full) {
+      // the layer's forward again, from its stored input, into the shared workspace (the same
+      // ops on the same inputs: bitwise the activations of the first pass)
+      counting_ = false;
+      block_forward(a, l, x);
+      counting_ = true;
+    } else if (run_.recompute == Recompute::selective) {
+      ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
+                             layer_slice(p.ln2b(), l));
+    }
+    mlp_backward(a, l);
+    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln2w(), l), layer_slice(g.ln2b(), l), A.dln, a.residual2,
                             layer_slice(p.ln2w(), l), a.ln2_mean, a.ln2_rstd);
-    // attention block: residual2 = x + Wo · attention(LN1(x)); leaves d(LN1 out) in dln_
-    attention_backward(a, l, dres_);
-    ops::layernorm_backward(ctx_, dres_, layer_slice(g.ln1w(), l), layer_slice(g.ln1b(), l), dln_, x,
+    // attention block: residual2 = x + Wo · attention(LN1(x)); leaves d(LN1 out) in dln
+    if (run_.recompute != Recompute::none)  // ln1 and ln2 share one buffer: it holds ln2 now
+      ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l),
+                             layer_slice(p.ln1b(), l));
+    attention_backward(a, l, A.dres);
+    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln1w(), l), layer_slice(g.ln1b(), l), A.dln, x,
                             layer_slice(p.ln1w(), l), a.ln1_mean, a.ln1_rstd);
   }
-  ops::embedding_backward(ctx_, g.wte(), s.rope ? Tensor() : g.wpe(), dres_, tokens_, positions_);
+  ops::embedding_backward(ctx_, g.wte(), s.rope ? Tensor() : g.wpe(), A.dres, A.tokens, A.positions);
 }
 
 double GPT::forward_backward(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count) {
@@ -420,8 +610,8 @@ double GPT::forward_loss(const int32_t* tokens, const int32_t* targets, const in
 
 void GPT::forward_logits(const int32_t* tokens, const int32_t* positions, int64_t row, float* logits) {
   forward(tokens, positions);
-  Tensor out = logits_.rows(0, 1);
-  ops::matmul_forward(ctx_, out, lnf_.rows(row, 1), params_.wte(), Tensor());
+  Tensor out = act_->logits.rows(0, 1);
+  ops::matmul_forward(ctx_, out, act_->lnf.rows(row, 1), params_.wte(), Tensor());
   std::memcpy(logits, out.data, size_t(shape_.Vp) * 4);
 }
 

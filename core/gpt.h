@@ -11,6 +11,7 @@
 //   ln2w [L, C], ln2b [L, C], fcw [L, 4C, C], fcb [L, 4C], fcprojw [L, C, 4C], fcprojb [L, C],
 //   lnfw [C], lnfb [C]
 #pragma once
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
@@ -69,12 +70,51 @@ struct ParameterTensors {
 // Layer l's slice of a stacked [L, ...] parameter tensor.
 Tensor layer_slice(const Tensor& stacked, int l);
 
+// runtime.recompute: what backward recomputes instead of reading from the activation arena.
+//   none       every activation of every layer is stored
+//   selective  the cheap ones (LayerNorm outputs, GELU output) share one buffer across layers and
+//              are recomputed in backward
+//   full       only each layer's output (the residual stream) is stored per layer; backward
+//              re-runs the layer's forward into one shared layer workspace
+enum class Recompute : uint8_t { none, selective, full };
+Recompute parse_recompute(const std::string& name);  // UserError for an unknown name
+const char* recompute_name(Recompute r);
+
 struct GPTRunShape {
   int B = 1;           // sequences per micro-batch
   int N = 1;           // full sequence length
-  int P = 1;           // sequence-parallel degree
-  int tile_tokens = 0; // rows per chunk of the LM head (0: a default of 256)
+  int P = 1;           // sequence-parallel degree (real, or emulated with an emulated communicator)
+  int tile_tokens = 0; // rows per chunk of the MLP and of the LM head (0: MLP untiled, LM head 256)
+  Recompute recompute = Recompute::none;
+  int flat_multiple = 1;  // parameter / gradient buffers padded (with zeros) to a multiple of this
   int T() const { return N / P; }
+  int64_t rows() const { return int64_t(B) * T(); }
+  // rows per MLP chunk (all rows when untiled) and per LM-head chunk
+  int64_t mlp_chunk() const { return tile_tokens > 0 ? std::min<int64_t>(tile_tokens, rows()) : rows(); }
+  int64_t lm_head_chunk() const { return std::min<int64_t>(rows(), tile_tokens > 0 ? tile_tokens : 256); }
+  bool mlp_tiled() const { return mlp_chunk() < rows(); }
+};
+
+// One buffer of the activation arena, as GPT lays it out (see GPT::activation_layout).
+//   kind: inputs | layer (stored per layer) | attention_stats (per layer: softmax lse, LayerNorm
+//   mean/rstd) | recompute (one shared layer workspace) | comm (Ulysses send/recv, local qkv) |
+//   backward (activation gradients) | lm_head (final LayerNorm, losses, logits chunk)
+struct ActivationBuffer {
+  std::string name;
+  std::string kind;
+  int layer = -1;  // -1: not per layer
+  std::vector<int64_t> dims;
+  DType dtype = DType::f32;
+  size_t bytes = 0;  // as reserved in the arena (aligned)
+};
+
+// FLOPs the model's matmuls and attention performed since reset (model FLOPs: recomputation in
+// backward is not counted). Matmul [M, IC] x [IC, OC]: 2 M IC OC forward, 2 M IC OC more for each
+// of dinp and dweight. Causal attention: 2 B h N^2 d forward (half of QK^T + PV over the square),
+// twice that backward, so the totals follow flops_per_token(causal_halved = true).
+struct OpCounts {
+  uint64_t matmul_flops = 0, attention_flops = 0;
+  uint64_t flops() const { return matmul_flops + attention_flops; }
 };
 
 class GPT {
@@ -107,17 +147,36 @@ class GPT {
   ParameterTensors& grads() { return grads_; }
   Tensor params_flat() const { return params_flat_; }  // all parameters, llm.c order
   Tensor grads_flat() const { return grads_flat_; }
+  // The same buffers with their zero padding to run.flat_multiple (ZeRO shards them evenly).
+  Tensor params_padded() const { return params_padded_; }
+  Tensor grads_padded() const { return grads_padded_; }
   ops::Context& context() { return ctx_; }
   size_t activation_bytes() const;
   UlyssesAllToAll* ulysses() { return ulysses_.get(); }  // null when P == 1
+  OpCounts& op_counts() { return op_counts_; }
+
+  // The activation arena of a rank with hq / hkv local heads (Hq, Hkv when P == 1) and Ulysses
+  // scratch of `sp_scratch_elements` (UlyssesAllToAll::scratch_elements(); 0 when P == 1),
+  // computed by the same code the constructor allocates with, without allocating.
+  static std::vector<ActivationBuffer> activation_layout(const GPTShape& s, const GPTRunShape& run, int hq, int hkv,
+                                                         size_t sp_scratch_elements);
 
  private:
-  struct Layer;  // saved activations of one block
+  struct Layer;        // saved activations of one block
+  struct Activations;  // every view into the activation arena
+  static void lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Activations& A,
+                      Arena& arena, std::vector<ActivationBuffer>* list, std::vector<std::pair<Tensor*, size_t>>* slots);
   void forward(const int32_t* tokens, const int32_t* positions);
+  void block_forward(Layer& a, int l, Tensor x);
+  void mlp_forward(Layer& a, int l);
+  void mlp_backward(Layer& a, int l);
   double classifier(const int32_t* targets, bool backward, int64_t* count);
   void backward();
   void attention_forward(Layer& a, int l);
   void attention_backward(Layer& a, int l, Tensor dres);
+  // the op calls that do FLOPs go through these, which count them (see OpCounts)
+  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
+  void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight);
 
   GPTShape shape_;
   double init_std_ = 0.02;
@@ -127,24 +186,13 @@ class GPT {
   Communicator* seq_ = nullptr;
   std::unique_ptr<UlyssesAllToAll> ulysses_;
   int hq_ = 0, hkv_ = 0;  // this rank's heads inside attention (Hq, Hkv when P == 1)
+  OpCounts op_counts_;
+  bool counting_ = true;  // false while backward recomputes forward ops
 
   Arena param_arena_, grad_arena_, act_arena_;
-  Tensor params_flat_, grads_flat_;
+  Tensor params_flat_, grads_flat_, params_padded_, grads_padded_;
   ParameterTensors params_, grads_;
-
-  // activations (act_arena_)
-  Tensor tokens_, targets_, positions_;     // [B*T] i32
-  Tensor encoded_;                          // [B*T, C]
-  std::vector<Layer> layers_;
-  Tensor lnf_, lnf_mean_, lnf_rstd_;        // [B*T, C], [B*T], [B*T]
-  Tensor losses_;                           // [B*T]
-  Tensor logits_;                           // [chunk, Vp]
-  // scratch
-  Tensor qkv_local_, dqkv_local_;           // [B, T, Hq+2Hkv, d] (P > 1)
-  Tensor dqkv_full_, datt_full_;            // [B, N, hq+2hkv, d], [B, N, hq, d]
-  Tensor dres_, dlnf_, dln_, datt_;         // [B*T, C]
-  Tensor dfch_gelu_, dfch_;                 // [B*T, 4C]
-  Tensor sp_send_, sp_recv_;
+  std::unique_ptr<Activations> act_;
 };
 
 }  // namespace ulysses

@@ -28,6 +28,7 @@
 #include "core/llmc.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
+#include "core/zero.h"
 #include "core/signals.h"
 #include "core/tokenizer.h"
 
@@ -173,10 +174,26 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const int accum = cfg.train.global_batch_tokens > 0 ? int(cfg.train.global_batch_tokens / tokens_per_micro) : 1;
   const int64_t tokens_per_step = tokens_per_micro * accum;
 
-  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens}, device, groups.sequence.get());
-  AdamW optimizer(cfg.train, model.shape(), device);
+  if (cfg.parallel.emulate_sequence > 1)
+    throw_user_error("parallel.emulate_sequence = {}: emulation measures one rank's work of a P-rank run (its "
+                     "losses are not a real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
+                     cfg.parallel.emulate_sequence);
+  // ZeRO (core/zero.h) shards the flat buffers evenly over the world: pad them to a multiple of it
+  GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, parse_recompute(cfg.runtime.recompute), mpi.world_size};
+  GPT model(cfg.model, run, device, groups.sequence.get());
+  ZeroAdamW optimizer(cfg.train, model.shape(), cfg.parallel.zero_stage, world, device);
   const GPTShape shape = model.shape();
   const int64_t n_params = num_parameters(shape);
+  // whole m, v on rank 0 for checkpoints (ZeRO >= 1 gathers / scatters the shards)
+  const bool sharded = cfg.parallel.zero_stage > 0;
+  std::vector<float> m_whole, v_whole;
+  auto whole_state = [&](bool for_rank0) {
+    if (!sharded) return std::pair<float*, float*>{optimizer.m().f32(), optimizer.v().f32()};
+    if (!for_rank0) return std::pair<float*, float*>{nullptr, nullptr};
+    m_whole.resize(size_t(n_params));
+    v_whole.resize(size_t(n_params));
+    return std::pair<float*, float*>{m_whole.data(), v_whole.data()};
+  };
 
   const DataSlice slice{groups.sp_rank, P, groups.dp_rank, DP};
   DataLoader train_data(cfg.data, "train", B, N, slice, cfg.train.seed, cfg.model.vocab_size);
@@ -189,14 +206,20 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const std::optional<std::string> resume = resolve_resume(cfg.checkpoint);
   if (resume) {
     on_root(world, [&] {
-      state = load_checkpoint(*resume, shape, model.params_flat().f32(), optimizer.m().f32(), optimizer.v().f32(),
-                              n_params);
+      const auto [m, v] = whole_state(true);
+      state = load_checkpoint(*resume, shape, model.params_flat().f32(), m, v, n_params);
       check_resume_layout(*resume, state, mpi.world_size, P);
     });
     // rank 0 read it; everybody gets the same bits
     world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
-    world.broadcast(optimizer.m().data, size_t(n_params), DType::f32, 0);
-    world.broadcast(optimizer.v().data, size_t(n_params), DType::f32, 0);
+    if (sharded) {
+      optimizer.scatter_state(m_whole.data(), v_whole.data());
+      m_whole = {};
+      v_whole = {};
+    } else {
+      world.broadcast(optimizer.m().data, size_t(n_params), DType::f32, 0);
+      world.broadcast(optimizer.v().data, size_t(n_params), DType::f32, 0);
+    }
     int64_t words[4] = {state.step, int64_t(state.data.epoch), int64_t(state.data.next_sequence),
                         state.skipped_in_a_row};
     world.broadcast(words, 4, DType::f64 /* 8-byte words */, 0);
@@ -227,10 +250,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   spdlog::info("layout: {} ranks = DP {} x SP {}; micro-batch {} x {} tokens ({} per rank), {} micro-steps, "
                "{} tokens per step; {} threads per rank",
                mpi.world_size, DP, P, B, N, T, accum, tokens_per_step, omp_get_max_threads());
-  spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB, "
-               "activations {:.1f} MiB",
-               n_params * 4 / 1048576.0, n_params * 4 / 1048576.0, n_params * 8 / 1048576.0,
-               model.activation_bytes() / 1048576.0);
+  spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB (ZeRO {}), "
+               "activations {:.1f} MiB (recompute {}, tile_tokens {})",
+               n_params * 4 / 1048576.0, n_params * 4 / 1048576.0, double(optimizer.shard_size()) * 8 / 1048576.0,
+               cfg.parallel.zero_stage, model.activation_bytes() / 1048576.0, cfg.runtime.recompute,
+               cfg.runtime.tile_tokens);
 
   std::unique_ptr<MetricsWriter> metrics;
   if (!cfg.logging.metrics_file.empty())
@@ -242,9 +266,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (cfg.checkpoint.dir.empty()) return;
     state.step = step;
     state.data = train_data.state();
+    const auto [m, v] = whole_state(world.rank() == 0);
+    if (sharded) optimizer.gather_state(m, v);  // collective
     on_root(world, [&] {
-      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(),
-                                               optimizer.m().f32(), optimizer.v().f32(), n_params);
+      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(), m, v,
+                                               n_params);
       spdlog::info("saved checkpoint {}", path);
     });
   };
@@ -272,12 +298,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (rt.debug_inject_nan_step > 0 && step + 1 >= rt.debug_inject_nan_step &&
         step + 1 < rt.debug_inject_nan_step + rt.debug_inject_nan_steps && world.rank() == world.size() - 1)
       model.grads_flat().f32()[0] = std::numeric_limits<float>::quiet_NaN();
-    // every rank holds the same parameters and saw different tokens: sum over DP × SP
-    world.all_reduce(model.grads_flat().data, model.grads_flat().data, size_t(n_params), DType::f32, ReduceOp::sum);
+    // every rank holds the same parameters and saw different tokens: sum over DP × SP (all-reduce,
+    // or reduce-scatter into this rank's shard with ZeRO 2) and the norm of the sum
+    const double grad_squares = optimizer.reduce_gradients(model.context(), model.grads_padded());
     world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
     const double tokens = std::max(1.0, sums[1]);
     const double loss = sums[0] / tokens;
-    const double grad_norm = std::sqrt(ops::sum_squares(model.context(), model.grads_flat())) / tokens;
+    const double grad_norm = std::sqrt(grad_squares) / tokens;
     const double lr = learning_rate(cfg.train, step);
 
     StepMetrics m;
@@ -298,7 +325,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     } else {
       state.skipped_in_a_row = 0;
       const double clip = cfg.train.grad_clip > 0 && grad_norm > cfg.train.grad_clip ? cfg.train.grad_clip / grad_norm : 1.0;
-      optimizer.update(model.context(), model.params_flat(), model.grads_flat(), float(lr), float(clip / tokens),
+      optimizer.update(model.context(), model.params_padded(), model.grads_padded(), float(lr), float(clip / tokens),
                        step + 1);
     }
     m.step_ms = ms_since(t0);

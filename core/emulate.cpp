@@ -1,0 +1,59 @@
+// EmulatedSequenceCommunicator (see core/emulate.h): all-to-alls as local copies, counted like MPI.
+#include "core/emulate.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "comm/comm_util.h"
+#include "core/error.h"
+
+namespace ulysses {
+
+EmulatedSequenceCommunicator::EmulatedSequenceCommunicator(int size, int rank)
+    : Communicator(fmt::format("emulated-sequence[{} of {}]", rank, size), rank, size) {
+  ULYSSES_ASSERT(size >= 1 && rank >= 0 && rank < size, "emulated group: rank {} of {}", rank, size);
+}
+
+void EmulatedSequenceCommunicator::all_to_all(const void* send, void* recv, size_t count_per_peer, DType t) {
+  std::memcpy(recv, send, size_t(size_) * count_per_peer * dtype_size(t));
+  count(Collective::all_to_all, comm_detail::all_to_all_bytes(size_, count_per_peer, dtype_size(t)));
+}
+
+void EmulatedSequenceCommunicator::all_to_allv(const void* send, const size_t* send_counts, const size_t* send_displs,
+                                               void* recv, const size_t* recv_counts, const size_t* recv_displs,
+                                               DType t) {
+  const size_t elem = dtype_size(t);
+  uint64_t bytes_out = 0;
+  for (int j = 0; j < size_; ++j) {
+    // the own block is the real one; peer j's block is stood in for by what we send to peer j
+    const size_t n = std::min(send_counts[j], recv_counts[j]);
+    std::memcpy(static_cast<char*>(recv) + recv_displs[j] * elem,
+                static_cast<const char*>(send) + send_displs[j] * elem, n * elem);
+    if (j != rank_) bytes_out += uint64_t(send_counts[j]) * elem;
+  }
+  count(Collective::all_to_all, bytes_out);
+}
+
+void EmulatedSequenceCommunicator::all_reduce(const void* send, void* recv, size_t n, DType t, ReduceOp) {
+  if (send != recv) std::memcpy(recv, send, n * dtype_size(t));
+  count(Collective::all_reduce, comm_detail::all_reduce_bytes(size_, n, dtype_size(t)));
+}
+
+void EmulatedSequenceCommunicator::reduce_scatter(const void* send, void* recv, size_t recv_count, DType t,
+                                                  ReduceOp) {
+  std::memcpy(recv, static_cast<const char*>(send) + size_t(rank_) * recv_count * dtype_size(t),
+              recv_count * dtype_size(t));
+  count(Collective::reduce_scatter, comm_detail::reduce_scatter_bytes(size_, recv_count, dtype_size(t)));
+}
+
+void EmulatedSequenceCommunicator::all_gather(const void* send, void* recv, size_t send_count, DType t) {
+  const size_t bytes = send_count * dtype_size(t);
+  for (int j = 0; j < size_; ++j) std::memmove(static_cast<char*>(recv) + size_t(j) * bytes, send, bytes);
+  count(Collective::all_gather, comm_detail::all_gather_bytes(size_, send_count, dtype_size(t)));
+}
+
+void EmulatedSequenceCommunicator::broadcast(void*, size_t n, DType t, int root) {
+  count(Collective::broadcast, comm_detail::broadcast_bytes(size_, rank_, root, n, dtype_size(t)));
+}
+
+}  // namespace ulysses
