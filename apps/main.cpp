@@ -4,6 +4,8 @@
 //   ulysses check   (the same options)  brings up the process groups and tests every collective
 //   ulysses prepare INPUT... --out DIR [--name N] [--tokenizer byte|gpt2] [--tokenizer-dir D]
 //                   [--val-fraction F] [--shard-tokens K] [--log-level L]
+//   ulysses bench    (the config options) [--warmup W] [--repeat R] [--csv FILE]
+//   ulysses estimate (the config options) [--gpus N] [--gpu-memory 80GB]
 //   ulysses --version
 //
 // Exit codes: 0 success; 2 bad input (a config, command-line or data error: a UserError, printed
@@ -33,6 +35,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/memory_estimate.h"
 #include "core/bench.h"
 #include "core/prepare.h"
 #include "core/trainer.h"
@@ -60,6 +63,7 @@ struct ConfigOptions {
   std::vector<std::string> overrides;  // --set key.path=value, in order
   bool print_config = false;
   std::string log_level;               // empty: logging.level from the config
+  bool any_world = false;              // estimate: the config describes a world other than this one
 };
 
 const std::vector<std::string> kLogLevels = {"trace", "debug", "info", "warn", "error"};
@@ -88,7 +92,7 @@ std::optional<Config> load_config_everywhere(const ConfigOptions& o, const MpiRu
     if (!o.log_level.empty()) overrides.push_back("logging.level=" + o.log_level);
     cfg = load_config(o.path, overrides);
     // --print-config shows a config for any world (a 64-GPU config prints on a laptop).
-    if (!o.print_config) validate_for_world(*cfg, mpi.world_size);
+    if (!o.print_config && !o.any_world) validate_for_world(*cfg, mpi.world_size);
     init_logging(mpi.world_rank, cfg->logging.level, cfg->logging.all_ranks);
   } catch (const UserError& e) {
     error = e.what();
@@ -114,7 +118,7 @@ int fail_on_this_rank(const MpiRuntime& mpi, const std::string& message, int cod
 }
 
 int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRuntime& mpi,
-                          const BenchOptions& bench = {}) {
+                          const BenchOptions& bench = {}, const EstimateOptions& estimate = {}) {
   std::optional<Config> cfg = load_config_everywhere(o, mpi);
   if (!cfg) return kExitUserError;
   if (o.print_config) {
@@ -125,6 +129,7 @@ int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRu
     if (name == "train") return run_train(*cfg, mpi);
     if (name == "check") return run_comm_check(*cfg, mpi);
     if (name == "bench") return run_bench(*cfg, mpi, bench);
+    if (name == "estimate") return run_estimate(*cfg, mpi, estimate);
   } catch (const AllRanksUserError& e) {
     if (mpi.world_rank == 0) print_error(e.what());
     return kExitUserError;
@@ -203,8 +208,18 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
       ->capture_default_str();
   bench_cmd->add_option("--csv", bench.csv, "Append one row of results to this CSV file (rank 0)");
 
+  ConfigOptions estimate_opts;
+  estimate_opts.any_world = true;
+  EstimateOptions estimate;
+  CLI::App* estimate_cmd = app.add_subcommand(
+      "estimate", "Per-rank memory of the configured run (CPU fp32 and CUDA bf16) and the longest sequence that fits");
+  add_config_options(estimate_cmd, estimate_opts);
+  estimate_cmd->add_option("--gpus", estimate.gpus, "World size (default: parallel.sequence)")
+      ->check(CLI::PositiveNumber);
+  estimate_cmd->add_option("--gpu-memory", estimate.gpu_memory, "Memory budget per rank, e.g. 80GB or 141GiB")
+      ->capture_default_str();
+
   // Still to come, each as its own subcommand here (no placeholders are registered until then):
-  //   estimate  memory and step-time estimate of a config for a given world size
   //   inspect   print a checkpoint's or a token shard's header and statistics
 
   try {
@@ -219,6 +234,7 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
   if (train->parsed()) return run_config_subcommand("train", train_opts, mpi);
   if (check->parsed()) return run_config_subcommand("check", check_opts, mpi);
   if (bench_cmd->parsed()) return run_config_subcommand("bench", bench_opts, mpi, bench);
+  if (estimate_cmd->parsed()) return run_config_subcommand("estimate", estimate_opts, mpi, {}, estimate);
   if (prepare->parsed()) return run_prepare_subcommand(prepare_opts, prepare_log_level, mpi);
   ULYSSES_ASSERT(false, "CLI11 accepted the command line but no subcommand was parsed");
   return kExitInternalError;

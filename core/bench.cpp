@@ -17,6 +17,7 @@
 
 #include "comm/groups.h"
 #include "comm/ulysses.h"
+#include "core/emulate.h"
 #include "core/error.h"
 #include "core/gpt.h"
 #include "core/metrics.h"
@@ -45,8 +46,17 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     omp_set_num_threads(std::max(1, cores / std::max(1, mpi.local_size)));
   }
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
-  const int P = groups.sp_size, B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
-  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens}, Device::cpu, groups.sequence.get());
+  // parallel.emulate_sequence = P: this rank does rank 0's work of a P-rank group, the all-to-alls
+  // as local copies of the same size (core/emulate.h)
+  const bool emulated = cfg.parallel.emulate_sequence > 1;
+  const int P = emulated ? cfg.parallel.emulate_sequence : groups.sp_size;
+  const int sp_rank = emulated ? 0 : groups.sp_rank;
+  const int B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
+  std::unique_ptr<Communicator> emulated_seq;
+  if (emulated) emulated_seq = std::make_unique<EmulatedSequenceCommunicator>(P, 0);
+  Communicator* seq = emulated ? emulated_seq.get() : groups.sequence.get();
+  const Recompute recompute = parse_recompute(cfg.runtime.recompute);
+  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens, recompute}, Device::cpu, seq);
   model.init_weights(cfg.train.seed);
   AdamW opt(cfg.train, model.shape(), Device::cpu);
   const int64_t n_params = num_parameters(model.shape());
@@ -58,11 +68,11 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   for (size_t i = 0; i < BT; ++i) {
     tok[i] = int32_t(rng() % uint32_t(cfg.model.vocab_size));
     tgt[i] = int32_t(rng() % uint32_t(cfg.model.vocab_size));
-    pos[i] = int32_t(groups.sp_rank * T + int(i % size_t(T)));
+    pos[i] = int32_t(sp_rank * T + int(i % size_t(T)));
   }
 
   std::vector<double> fwd, fwdbwd, allreduce, optim, total;
-  uint64_t a2a_bytes = 0;
+  uint64_t a2a_bytes = 0, step_flops = 0;
   for (int it = 0; it < opts.warmup + opts.repeat; ++it) {
     groups.world->barrier();
     int64_t count = 0;
@@ -70,12 +80,14 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     model.forward_loss(tok.data(), tgt.data(), pos.data(), &count);
     const double f = ms_since(t0);
     groups.world->barrier();
-    if (groups.sequence) groups.sequence->counters().reset();
+    if (seq) seq->counters().reset();
+    model.op_counts() = OpCounts{};
     const auto step0 = Clock::now();
     model.zero_grad();
     model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
     const double fb = ms_since(step0);
-    if (groups.sequence) a2a_bytes = groups.sequence->counters().bytes_sent[size_t(Collective::all_to_all)];
+    if (seq) a2a_bytes = seq->counters().bytes_sent[size_t(Collective::all_to_all)];
+    step_flops = model.op_counts().flops();
     t0 = Clock::now();
     groups.world->all_reduce(model.grads_flat().data, model.grads_flat().data, size_t(n_params), DType::f32,
                              ReduceOp::sum);
@@ -96,20 +108,39 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   double med[5] = {median(fwd), median(fwdbwd), median(allreduce), median(optim), median(total)};
   groups.world->all_reduce(med, med, 5, DType::f64, ReduceOp::max);
   const double step_s = med[4] / 1000.0;
-  const double tokens = double(B) * N * groups.dp_size;
-  const double tflops = double(flops_per_token(model.shape(), N, true)) * tokens / mpi.world_size / step_s / 1e12;
+  // tokens of the whole job per step (emulated: of the P-rank group this rank stands for) and
+  // FLOPs of one rank per second
+  const double tokens = emulated ? double(B) * N : double(B) * N * groups.dp_size;
+  const int ranks = emulated ? P : mpi.world_size;
+  const double tflops = double(flops_per_token(model.shape(), N, true)) * tokens / ranks / step_s / 1e12;
   uint64_t formula = 0;
-  if (const UlyssesAllToAll* u = model.ulysses())
-    formula = uint64_t(cfg.model.n_layer) * ulysses_layer_bytes_sent(u->plan(), groups.sp_rank, B, T, cfg.model.head_dim(), 4);
+  if (const UlyssesAllToAll* u = model.ulysses()) {
+    const UlyssesHeadPlan& plan = u->plan();
+    const int d = cfg.model.head_dim();
+    formula = uint64_t(cfg.model.n_layer) * ulysses_layer_bytes_sent(plan, sp_rank, B, T, d, 4);
+    if (recompute == Recompute::full) {
+      // backward re-runs each layer's forward, its two all-to-alls included
+      uint64_t forward = 0;
+      for (int p = 0; p < P; ++p)
+        if (p != sp_rank)
+          forward += uint64_t(B) * T * d * 4 *
+                     uint64_t(plan.qkv_offsets[p + 1] - plan.qkv_offsets[p] + plan.q_count[sp_rank]);
+      formula += uint64_t(cfg.model.n_layer) * forward;
+    }
+  }
 
-  spdlog::info("bench: {} layers, {} wide, {} heads, {:.1f}M parameters; B={} N={} P={} DP={}; {} threads/rank; "
-               "median of {} after {} warm-up",
-               cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, double(n_params) / 1e6, B, N, P, groups.dp_size,
-               omp_get_max_threads(), opts.repeat, opts.warmup);
+  spdlog::info("bench: {} layers, {} wide, {} heads, {:.1f}M parameters; B={} N={} P={}{} DP={}; recompute {}, "
+               "tile_tokens {}; {} threads/rank; median of {} after {} warm-up",
+               cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, double(n_params) / 1e6, B, N, P,
+               emulated ? " (emulated on one rank)" : "", groups.dp_size, cfg.runtime.recompute,
+               cfg.runtime.tile_tokens, omp_get_max_threads(), opts.repeat, opts.warmup);
   spdlog::info("  forward {:9.2f} ms | backward {:9.2f} ms | grad all-reduce {:8.2f} ms | optimizer {:8.2f} ms",
                med[0], med[1] - med[0], med[2], med[3]);
   spdlog::info("  step    {:9.2f} ms | {:.0f} tokens/s | {:.4f} TFLOP/s per rank | peak RSS {:.2f} GiB", med[4],
                tokens / step_s, tflops, peak_rss_gib());
+  spdlog::info("  activations {:.3f} GiB; model FLOPs counted per step on this rank {:.4e} (formula {:.4e})",
+               double(model.activation_bytes()) / (1ull << 30), double(step_flops),
+               double(flops_per_token(model.shape(), N, true)) * B * T);
   if (P > 1)
     spdlog::info("  all-to-all bytes sent per step by rank 0: {} (formula {}: {})", a2a_bytes, formula,
                  a2a_bytes == formula ? "equal" : "DIFFERENT");
@@ -119,10 +150,13 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     if (!f) throw_user_error("--csv '{}': cannot open for appending", opts.csv);
     if (fresh)
       std::fprintf(f, "layers,width,heads,B,N,P,DP,forward_ms,backward_ms,allreduce_ms,optimizer_ms,step_ms,"
-                      "tokens_per_second,tflops_per_rank,all_to_all_bytes\n");
-    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu\n", cfg.model.n_layer,
-                 cfg.model.n_embd, cfg.model.n_head, B, N, P, groups.dp_size, med[0], med[1] - med[0], med[2], med[3],
-                 med[4], tokens / step_s, tflops, (unsigned long long)a2a_bytes);
+                      "tokens_per_second,tflops_per_rank,all_to_all_bytes,vocab,emulated,recompute,tile_tokens,"
+                      "flops_per_rank_step,activation_bytes,peak_rss_gib,threads\n");
+    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu,%d,%d,%s,%d,%llu,%zu,%.4f,%d\n",
+                 cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, B, N, P, groups.dp_size, med[0], med[1] - med[0],
+                 med[2], med[3], med[4], tokens / step_s, tflops, (unsigned long long)a2a_bytes, cfg.model.vocab_size,
+                 emulated ? 1 : 0, cfg.runtime.recompute.c_str(), cfg.runtime.tile_tokens,
+                 (unsigned long long)step_flops, model.activation_bytes(), peak_rss_gib(), omp_get_max_threads());
     std::fclose(f);
   }
   return 0;

@@ -1,0 +1,171 @@
+// The per-rank memory estimate (see core/memory_estimate.h).
+//
+// Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W):
+//                          CPU fp32 (as implemented)          CUDA bf16 (the design)
+//   parameters             4 n_pad                            2 n (bf16), / W at ZeRO 3
+//   master weights         - (the parameters are fp32)        4 n, / W at ZeRO >= 1
+//   gradients              4 n_pad (+ 4 n_pad / W shard, Z2)  2 n; ZeRO >= 2: 2 n / W + one layer's bucket
+//   optimizer m, v         8 n_pad, / W at ZeRO >= 1          8 n, / W at ZeRO >= 1
+//   activations            GPT::activation_layout, by kind (fp32; bf16 on CUDA except the
+//                          LayerNorm / softmax statistics and the losses, which stay fp32)
+//   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
+//                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
+// ZeRO 3 is not implemented in the trainer yet; its rows show what it will save.
+#include "core/memory_estimate.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <map>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "comm/ulysses.h"
+#include "core/emulate.h"
+#include "core/error.h"
+#include "core/zero.h"
+
+namespace ulysses {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kCpuBaseline = 64.0 * 1024 * 1024;
+constexpr double kCudaRuntime = 1.5 * kGiB;
+
+// bytes of one activation buffer in the given layout
+double buffer_bytes(const ActivationBuffer& b, MemoryLayout layout) {
+  if (layout == MemoryLayout::cpu_fp32 || b.dtype != DType::f32) return double(b.bytes);
+  const bool fp32 = b.kind == "attention_stats" || b.name == "losses" || b.name.find("_mean") != std::string::npos ||
+                    b.name.find("_rstd") != std::string::npos || b.name == "lse";
+  return fp32 ? double(b.bytes) : double(b.bytes) / 2;
+}
+
+}  // namespace
+
+double MemoryEstimate::total() const {
+  double t = 0;
+  for (const auto& i : items) t += i.bytes;
+  return t;
+}
+
+MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, Recompute recompute, int zero_stage,
+                               MemoryLayout layout) {
+  ModelConfig m = cfg.model;
+  if (!m.rope()) m.max_seq_len = std::max(m.max_seq_len, N);  // the learned position table covers N
+  const GPTShape s = GPTShape::from(m);
+  const double W = world_size;
+  const double n = double(num_parameters(s)), n_pad = double(ZeroAdamW::padded_count(int64_t(n), world_size));
+  const bool cpu = layout == MemoryLayout::cpu_fp32;
+  MemoryEstimate e;
+  auto add = [&](std::string name, double bytes) { e.items.push_back({std::move(name), bytes}); };
+  // the same items in both layouts (the table prints them side by side)
+  const double layer_params = n / std::max(1, s.L);  // a gradient bucket of about one layer
+  add("parameters (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : (zero_stage >= 3 ? 2 * n / W : 2 * n));
+  add("master weights (CUDA fp32)", cpu ? 0 : (zero_stage >= 1 ? 4 * n / W : 4 * n));
+  add("gradients (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad + (zero_stage >= 2 ? 4 * n_pad / W : 0)
+                                              : (zero_stage >= 2 ? 2 * n / W + 2 * layer_params : 2 * n));
+  add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * (cpu ? n_pad : n) / W : 8 * (cpu ? n_pad : n));
+  // activations: the model's own layout for rank 0 of the sequence group
+  int hq = s.Hq, hkv = s.Hkv;
+  size_t scratch = 0;
+  if (P > 1) {
+    EmulatedSequenceCommunicator seq(P, 0);
+    UlyssesAllToAll a2a(&seq, plan_ulysses_heads(s.Hq, s.Hkv, P), cfg.train.micro_batch_size, N / P, s.d);
+    hq = a2a.plan().local_q_heads(0);
+    hkv = a2a.plan().local_kv_heads(0);
+    scratch = a2a.scratch_elements();
+  }
+  const GPTRunShape run{cfg.train.micro_batch_size, N, P, cfg.runtime.tile_tokens, recompute};
+  std::map<std::string, double> by_kind;
+  double per_layer = 0;
+  for (const ActivationBuffer& b : GPT::activation_layout(s, run, hq, hkv, scratch)) {
+    const double bytes = buffer_bytes(b, layout);
+    if (b.kind == "layer" && b.layer >= 0)
+      per_layer += bytes;
+    else
+      by_kind[b.kind] += bytes;
+  }
+  add(fmt::format("activations stored per layer (x {} layers)", s.L), per_layer);
+  add("attention statistics (lse, LayerNorm mean/rstd)", by_kind["attention_stats"]);
+  add("recompute workspace (shared by the layers)", by_kind["recompute"]);
+  add("communication buffers (all-to-all send/recv, local qkv)", by_kind["comm"]);
+  add("backward workspace (activation gradients)", by_kind["backward"]);
+  add("inputs, embedding output, LM head + loss chunk", by_kind["inputs"] + by_kind["layer"] + by_kind["lm_head"]);
+  add(cpu ? "process baseline (binary, MPI, BLAS)" : "CUDA context, cuBLASLt workspace, NCCL buffers",
+      cpu ? kCpuBaseline : kCudaRuntime);
+  return e;
+}
+
+int64_t longest_sequence(const Config& cfg, int world_size, int P, Recompute recompute, int zero_stage,
+                         MemoryLayout layout, double budget_bytes) {
+  const int64_t unit = int64_t(P) * 128;
+  auto fits = [&](int64_t k) {
+    return estimate_memory(cfg, world_size, P, int(k * unit), recompute, zero_stage, layout).total() <= budget_bytes;
+  };
+  int64_t lo = 0, hi = (int64_t(1) << 26) / unit;  // fits(lo) or lo == 0
+  if (hi >= 1 && fits(hi)) return hi * unit;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    (mid > 0 && fits(mid) ? lo : hi) = mid;
+  }
+  return lo * unit;
+}
+
+double parse_memory_size(const std::string& text, const std::string& what) {
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    throw_user_error("{} '{}': expected a size such as 80GB, 80GiB or 512MB", what, text);
+  }
+  std::string unit;
+  for (size_t i = pos; i < text.size(); ++i)
+    if (!std::isspace(static_cast<unsigned char>(text[i]))) unit += char(std::toupper(static_cast<unsigned char>(text[i])));
+  static const std::map<std::string, double> units = {
+      {"", 1e9},     {"B", 1},       {"KB", 1e3},    {"MB", 1e6},     {"GB", 1e9},     {"TB", 1e12},
+      {"KIB", 1024}, {"MIB", 1 << 20}, {"GIB", kGiB}, {"TIB", kGiB * 1024}, {"G", 1e9}, {"M", 1e6}};
+  const auto it = units.find(unit);
+  if (it == units.end() || !(value > 0))
+    throw_user_error("{} '{}': expected a positive size such as 80GB, 80GiB or 512MB", what, text);
+  return value * it->second;
+}
+
+int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions& opts) {
+  const int P = cfg.parallel.emulate_sequence > 1 ? cfg.parallel.emulate_sequence : cfg.parallel.sequence;
+  const int W = opts.gpus > 0 ? opts.gpus : P;
+  if (W % P != 0) throw_user_error("--gpus {}: must be a multiple of the sequence-parallel degree {}", W, P);
+  const double budget = parse_memory_size(opts.gpu_memory, "--gpu-memory");
+  const int N = cfg.train.seq_len;
+  const Recompute rc = parse_recompute(cfg.runtime.recompute);
+  const int Z = cfg.parallel.zero_stage;
+  if (mpi.world_rank != 0) return 0;
+  const GPTShape s = GPTShape::from(cfg.model);
+  std::string out;
+  out += fmt::format("memory per rank: {} layers, {} wide, {} heads, {:.3f}B parameters; N = {}, B = {}, P = {}, "
+                     "{} ranks (DP {}); recompute {}, ZeRO {}, tile_tokens {}\n",
+                     s.L, s.C, s.Hq, double(num_parameters(s)) / 1e9, N, cfg.train.micro_batch_size, P, W, W / P,
+                     cfg.runtime.recompute, Z, cfg.runtime.tile_tokens);
+  const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32);
+  const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16);
+  out += fmt::format("  {:<58} {:>14} {:>14}\n", "item", "CPU fp32 GiB", "CUDA bf16 GiB");
+  for (size_t i = 0; i < cpu.items.size(); ++i)
+    out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", i + 1 == cpu.items.size() ? "runtime (CPU process baseline | CUDA context, NCCL)" : cpu.items[i].name,
+                       cpu.items[i].bytes / kGiB, gpu.items[i].bytes / kGiB);
+  out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", "total", cpu.total() / kGiB, gpu.total() / kGiB);
+  out += fmt::format("longest sequence per {} ranks (P = {}) within {} ({:.1f} GiB) per rank, B = {}, tile_tokens {}:\n",
+                     W, P, opts.gpu_memory, budget / kGiB, cfg.train.micro_batch_size, cfg.runtime.tile_tokens);
+  out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", "recompute", "ZeRO", "CPU fp32", "CUDA bf16");
+  for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full})
+    for (int z = 0; z <= 3; ++z)
+      out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
+                         longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
+                         longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
+  out += "(CPU ZeRO 3 and all CUDA rows: the design; the trainer runs ZeRO 0-2 on the CPU today)\n";
+  fmt::print("{}", out);
+  return 0;
+}
+
+}  // namespace ulysses

@@ -1,0 +1,47 @@
+// `ulysses estimate`: the memory one rank needs for a config, item by item, for the CPU fp32
+// layout as implemented and for the CUDA bf16 layout (bf16 parameters and activations, fp32
+// master weights and AdamW m, v), and the longest sequence that fits a memory budget for each
+// recompute / ZeRO choice. Activation sizes come from GPT::activation_layout, the function the
+// model allocates its arena with, so the estimate cannot drift from the code.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "comm/bootstrap.h"
+#include "core/config.h"
+#include "core/gpt.h"
+
+namespace ulysses {
+
+struct EstimateOptions {
+  int gpus = 0;                         // world size; 0: parallel.sequence (or emulate_sequence)
+  std::string gpu_memory = "80GB";      // budget per rank for the longest-sequence search
+};
+
+enum class MemoryLayout { cpu_fp32, cuda_bf16 };
+
+struct MemoryItem {
+  std::string name;  // parameters, gradients, optimizer state, activations per layer (x L), ...
+  double bytes = 0;
+};
+
+struct MemoryEstimate {
+  std::vector<MemoryItem> items;
+  double total() const;
+};
+
+// One rank of a world of `world_size` ranks with sequence parallelism P (real or emulated) on
+// sequence length N (train.seq_len is ignored), under `recompute` and ZeRO `zero_stage`.
+MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, Recompute recompute, int zero_stage,
+                               MemoryLayout layout);
+
+// Longest N (a multiple of P * 128, up to 2^26) whose estimate fits `budget_bytes`; 0 if none.
+int64_t longest_sequence(const Config& cfg, int world_size, int P, Recompute recompute, int zero_stage,
+                         MemoryLayout layout, double budget_bytes);
+
+// "80GB", "80 GiB", "512MB", "1.5TB" -> bytes (GB = 1e9, GiB = 2^30); UserError naming `what`.
+double parse_memory_size(const std::string& text, const std::string& what);
+
+int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions& opts);
+
+}  // namespace ulysses

@@ -1,0 +1,100 @@
+// The memory estimate (core/memory_estimate.h) against what a rank really holds: build the model
+// and the optimizer for a config, run one training step, and compare the growth of the
+// process's resident memory (VmRSS; the arenas are zero-filled when allocated, so every byte of
+// them is resident) with the estimate less its fixed process baseline: within 10%, for recompute
+// none / full + tiling / an emulated P = 4 rank with selective recompute. Also: the size parser.
+#include <catch2/catch.hpp>
+#include <malloc.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/emulate.h"
+#include "core/error.h"
+#include "core/memory_estimate.h"
+#include "core/zero.h"
+
+using namespace ulysses;
+
+namespace {
+
+double resident_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;  // kB
+  return -1;
+}
+
+struct Case {
+  const char* name;
+  int P;  // emulated when > 1
+  Recompute recompute;
+  int tile_tokens;
+};
+
+}  // namespace
+
+TEST_CASE("the memory estimate matches the resident memory of a real rank within 10%", "[scale][memory]") {
+  if (resident_bytes() < 0) return;  // no /proc: nothing to measure
+  // every large block its own mapping, returned on free: otherwise glibc raises its mmap threshold
+  // after the first case and the next one reuses already-resident heap pages
+  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  Config cfg;
+  cfg.model.n_layer = 2;
+  cfg.model.n_embd = 128;
+  cfg.model.n_head = 4;
+  cfg.model.vocab_size = 256;
+  cfg.model.max_seq_len = 1024;
+  cfg.model.position_embedding = "rope";
+  cfg.train.micro_batch_size = 2;
+  const int N = 1024;
+  for (const Case& c : {Case{"P 1, recompute none", 1, Recompute::none, 0},
+                        Case{"P 1, recompute full, tile_tokens 512", 1, Recompute::full, 512},
+                        Case{"emulated P 4, recompute selective", 4, Recompute::selective, 0}}) {
+    DYNAMIC_SECTION(c.name) {
+      cfg.runtime.tile_tokens = c.tile_tokens;
+      const MemoryEstimate e = estimate_memory(cfg, 1, c.P, N, c.recompute, 0, MemoryLayout::cpu_fp32);
+      const double estimated = e.total() - e.items.back().bytes;  // less the process baseline
+      const double before = resident_bytes();
+      double measured = 0;
+      {
+        EmulatedSequenceCommunicator world(1, 0), seq(c.P, 0);
+        GPT model(cfg.model, {cfg.train.micro_batch_size, N, c.P, c.tile_tokens, c.recompute}, Device::cpu, &seq);
+        ZeroAdamW opt(cfg.train, model.shape(), 0, world, Device::cpu);
+        model.init_weights(1);
+        const size_t BT = size_t(model.run_shape().rows());
+        std::vector<int32_t> tok(BT), pos(BT);
+        std::mt19937 rng(1);
+        for (size_t i = 0; i < BT; ++i) {
+          tok[i] = int32_t(rng() % 256);
+          pos[i] = int32_t(i % size_t(model.run_shape().T()));
+        }
+        int64_t count = 0;
+        model.zero_grad();
+        model.forward_backward(tok.data(), tok.data(), pos.data(), &count);
+        opt.reduce_gradients(model.context(), model.grads_padded());
+        opt.update(model.context(), model.params_padded(), model.grads_padded(), 1e-4f, 1.f, 1);
+        measured = resident_bytes() - before;
+      }
+      const double rel = (measured - estimated) / estimated;
+      std::printf("memory | %-40s | estimated %8.1f MiB | measured RSS growth %8.1f MiB | %+.1f%%\n", c.name,
+                  estimated / 1048576, measured / 1048576, 100 * rel);
+      CHECK(std::abs(rel) < 0.10);
+    }
+  }
+}
+
+TEST_CASE("memory sizes parse with units and fail with a message", "[scale][memory]") {
+  CHECK(parse_memory_size("80GB", "--gpu-memory") == 80e9);
+  CHECK(parse_memory_size("80 GiB", "--gpu-memory") == 80.0 * (1ull << 30));
+  CHECK(parse_memory_size("512MB", "--gpu-memory") == 512e6);
+  CHECK(parse_memory_size("1.5tb", "--gpu-memory") == 1.5e12);
+  CHECK_THROWS_WITH(parse_memory_size("lots", "--gpu-memory"), Catch::Contains("--gpu-memory 'lots'"));
+  CHECK_THROWS_WITH(parse_memory_size("80XB", "--gpu-memory"), Catch::Contains("expected a positive size"));
+  CHECK_THROWS_WITH(parse_memory_size("-3GB", "--gpu-memory"), Catch::Contains("expected a positive size"));
+}
