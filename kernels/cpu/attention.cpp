@@ -173,8 +173,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
           if (correction != 1.0f)
             for (int c = 0; c < dp; c++) acc[i * dp + c] *= correction;
         }
-        // the padding rows [iq, iq4) hold the scores of zero queries (0), not probabilities
-        std::fill(S + iq * kTile, S + iq4 * kTile, 0.0f);
+        // the padding rows [iq, iq4) of S are zero (zero queries) and add nothing
         tile_gemm<true>(acc, dp, S, kTile, V, dp, iq4, dp, jk);  // acc += P V
       }
 
@@ -261,9 +260,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
               std::fill(p + jn, p + jk8, 0.0f);
               for (int j = 0; j < jk8; j++) ds[j] = p[j] * (ds[j] - D_i);
             }
-            std::fill(P + iq * kTile, P + iq4 * kTile, 0.0f);
-            std::fill(dS + iq * kTile, dS + iq4 * kTile, 0.0f);
-
+            // the padding rows [iq, iq4) of P and dS are zero (zero Q and dO rows)
             transpose_tile(T, P, iq, jk4);
             tile_gemm<true>(dV, dp, T, kTile, dO, dp, jk4, dp, iq);   // dV += P^T dO
             transpose_tile(T, dS, iq, jk4);

@@ -1,4 +1,4 @@
-// CPU forwards and updates against float64 references: attention (with GQA and with RoPE) vs a
+// CPU forwards and updates against float64 references: the vectorisable exp/tanh, attention (with GQA and with RoPE) vs a
 // plain O(N^2) softmax, cross-entropy (ignored targets, padding, grad_scale = 0), AdamW over
 // several steps, sum_squares, layernorm, matmul, gelu, embedding, residual; the RoPE transpose
 // identity; and bitwise determinism across thread counts. Outputs carry sentinel guards.
@@ -9,6 +9,7 @@
 
 #include "kernel_test_util.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace cpu = ulysses::cpu;
 using ulysses::test::bitwise_equal;
@@ -66,6 +67,30 @@ void attention_reference(std::vector<double>& out, std::vector<double>& lse,
 }
 
 }  // namespace
+
+TEST_CASE("exp_approx and tanh_approx against float64", "[kernels][math]") {
+  double exp_err = 0.0, tanh_err = 0.0;
+  for (int i = 0; i <= 400000; i++) {
+    const float x = -87.3f + (88.3f + 87.3f) * float(i) / 400000.0f;
+    const double ref = std::exp(double(x));
+    exp_err = std::max(exp_err, std::abs(double(cpu::exp_approx(x)) - ref) / ref);
+    const float u = -12.0f + 24.0f * float(i) / 400000.0f;
+    tanh_err = std::max(tanh_err, std::abs(double(cpu::tanh_approx(u)) - std::tanh(double(u))));
+  }
+  CHECK(exp_err < 1.5e-7);  // about one ulp
+  CHECK(tanh_err < 3e-7);
+  CHECK(cpu::exp_approx(-INFINITY) == 0.0f);
+  CHECK(cpu::exp_approx(-100.0f) == 0.0f);
+  CHECK(cpu::exp_approx(0.0f) == 1.0f);
+  CHECK(std::isfinite(cpu::exp_approx(1000.0f)));
+  CHECK(cpu::tanh_approx(50.0f) == 1.0f);
+  CHECK(cpu::tanh_approx(-50.0f) == -1.0f);
+  const float row[] = {-3.0f, -0.0f, -7.5f, 2.5f, -1e30f, 2.25f};
+  CHECK(cpu::max_of(row, 6) == 2.5f);
+  CHECK(cpu::max_of(row, 3) == 0.0f);
+  CHECK(cpu::max_of(row + 2, 1) == -7.5f);
+  CHECK(cpu::sum_of(row, 4) == -8.0);
+}
 
 TEST_CASE("attention_forward matches a float64 softmax reference", "[kernels][attention]") {
   struct Shape { int B, N, Hq, Hkv, d; bool rope; };
