@@ -222,6 +222,19 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
   // Still to come, each as its own subcommand here (no placeholders are registered until then):
   //   inspect   print a checkpoint's or a token shard's header and statistics
 
+  // A mistyped subcommand ("ulysses trian") would otherwise only read "A subcommand is required".
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known = known || sub->get_name() == argv[1];
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      if (mpi.world_rank == 0) print_error(fmt::format("unknown subcommand '{}': expected one of {}", argv[1], names));
+      return kExitUserError;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
