@@ -266,7 +266,10 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (cfg.checkpoint.dir.empty()) return;
     state.step = step;
     state.data = train_data.state();
-    const auto [m, v] = whole_state(world.rank() == 0);
+    // plain variables, not a structured binding: a lambda below captures them
+    const auto state_buffers = whole_state(world.rank() == 0);
+    float* m = state_buffers.first;
+    float* v = state_buffers.second;
     if (sharded) optimizer.gather_state(m, v);  // collective
     on_root(world, [&] {
       const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(), m, v,
