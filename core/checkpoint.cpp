@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace fs = std::filesystem;
 
@@ -32,39 +33,11 @@ enum : int64_t { kModelFile = 1, kOptimizerFile = 2 };
 
 std::string step_name(int step) { return fmt::format("step_{:08d}", step); }
 
-void write_all(int fd, const void* data, size_t bytes, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (bytes > 0) {
-    const ssize_t w = ::write(fd, p, std::min<size_t>(bytes, 1 << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw_user_error("{}: write failed: {}", path, std::strerror(errno));
-    }
-    p += w;
-    bytes -= size_t(w);
-  }
-}
-
 // Writes the buffers one after another into `path` and fsyncs it.
 void write_file(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw_user_error("{}: cannot create: {}", path, std::strerror(errno));
-  try {
-    for (const auto& [data, bytes] : parts) write_all(fd, data, bytes, path);
-    if (::fsync(fd) != 0) throw_user_error("{}: fsync failed: {}", path, std::strerror(errno));
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  if (::close(fd) != 0) throw_user_error("{}: close failed: {}", path, std::strerror(errno));
-}
-
-void fsync_dir(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_user_error("{}: cannot open directory: {}", path, std::strerror(errno));
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) throw_user_error("{}: fsync of the directory failed: {}", path, std::strerror(errno));
+  write_file_synced(path, [&](int fd, const std::string& p) {
+    for (const auto& [data, bytes] : parts) write_all(fd, data, bytes, p);
+  });
 }
 
 std::array<int64_t, kHeaderWords> make_header(int64_t kind, const GPTShape& s, int64_t n) {
@@ -150,12 +123,12 @@ std::string save_checkpoint(const std::string& dir, const Config& cfg, const GPT
     man << YAML::EndMap << YAML::EndMap;
     const std::string mtext = std::string(man.c_str()) + "\n";
     write_file(tmp + "/manifest.yaml", {{mtext.data(), mtext.size()}});
-    fsync_dir(tmp);
+    fsync_directory(tmp);
     // publish: an older checkpoint of the same step (a rerun) is replaced
     if (fs::exists(final_path)) fs::remove_all(final_path);
     if (std::rename(tmp.c_str(), final_path.c_str()) != 0)
       throw_user_error("checkpoint '{}': rename to '{}' failed: {}", tmp, final_path, std::strerror(errno));
-    fsync_dir(dir);
+    fsync_directory(dir);
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;

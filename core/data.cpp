@@ -26,6 +26,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace ulysses {
 
@@ -54,17 +55,6 @@ uint64_t uniform_below(std::mt19937_64& rng, uint64_t n) {
     x = rng();
   } while (x >= limit);
   return x % n;
-}
-
-void write_all(int fd, const void* data, size_t bytes, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (bytes > 0) {
-    ssize_t n = ::write(fd, p, bytes);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw_user_error("{}: write failed: {}", path, std::strerror(errno));
-    p += n;
-    bytes -= size_t(n);
-  }
 }
 
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
@@ -178,27 +168,10 @@ void write_token_shard(const std::string& path, const std::vector<uint16_t>& tok
   header[1] = kShardVersion;
   header[2] = int32_t(tokens.size());
 
-  const std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw_user_error("{}: cannot create: {}", tmp, std::strerror(errno));
-  try {
+  write_file_atomically(path, [&](int fd, const std::string& tmp) {
     write_all(fd, header, kShardHeaderBytes, tmp);
     write_all(fd, tokens.data(), tokens.size() * sizeof(uint16_t), tmp);
-    if (::fsync(fd) != 0) throw_user_error("{}: fsync failed: {}", tmp, std::strerror(errno));
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw_user_error("{}: close failed: {}", tmp, std::strerror(errno));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    throw_user_error("{}: cannot rename {} into place: {}", path, tmp, std::strerror(e));
-  }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------

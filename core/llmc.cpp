@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace ulysses {
 
@@ -68,17 +69,6 @@ void read_exact(int fd, void* dst, size_t bytes, const std::string& path) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) throw_user_error("{}: read failed: {}", path, std::strerror(errno));
     if (n == 0) throw_user_error("{}: truncated: the file ended early", path);
-    p += n;
-    bytes -= size_t(n);
-  }
-}
-
-void write_all(int fd, const void* src, size_t bytes, const std::string& path) {
-  const char* p = static_cast<const char*>(src);
-  while (bytes > 0) {
-    ssize_t n = ::write(fd, p, bytes);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw_user_error("{}: write failed: {}", path, std::strerror(errno));
     p += n;
     bytes -= size_t(n);
   }
@@ -247,10 +237,7 @@ void write_llmc_checkpoint(const std::string& path, const LlmcHeader& h, const f
   raw[6] = h.channels;
   raw[7] = h.padded_vocab_size;
 
-  const std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw_user_error("{}: cannot create: {}", tmp, std::strerror(errno));
-  try {
+  write_file_atomically(path, [&](int fd, const std::string& tmp) {
     write_all(fd, raw, kHeaderBytes, tmp);
     if (h.version == kLlmcVersionFp32) {
       write_all(fd, params, n_params * sizeof(float), tmp);
@@ -263,21 +250,7 @@ void write_llmc_checkpoint(const std::string& path, const LlmcHeader& h, const f
         done += n;
       }
     }
-    if (::fsync(fd) != 0) throw_user_error("{}: fsync failed: {}", tmp, std::strerror(errno));
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw_user_error("{}: close failed: {}", tmp, std::strerror(errno));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    throw_user_error("{}: cannot rename {} into place: {}", path, tmp, std::strerror(e));
-  }
+  });
 }
 
 }  // namespace ulysses

@@ -340,7 +340,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       for (size_t c = 0; c < m.comm.bytes_sent.size(); ++c) m.comm.bytes_sent[c] += groups.sequence->counters().bytes_sent[c];
 
     const bool last = step + 1 == cfg.train.max_steps;
-    if (val_data && ((cfg.train.eval_interval > 0 && (step + 1) % cfg.train.eval_interval == 0) || last)) {
+    if (val_data && cfg.train.eval_steps > 0 && ((cfg.train.eval_interval > 0 && (step + 1) % cfg.train.eval_interval == 0) || last)) {
       last_val = evaluate(model, *val_data, cfg.train.eval_steps, world, tok, tgt, pos);
       m.val_loss = last_val;
     }
