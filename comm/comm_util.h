@@ -61,6 +61,12 @@ inline uint64_t broadcast_bytes(int p, int rank, int root, size_t count, size_t 
   return (p > 1 && rank == root) ? uint64_t(count) * elem : 0;
 }
 
+// The address `elems` elements of `elem` bytes past p (displacements are in elements).
+inline const char* at(const void* p, size_t elems, size_t elem) {
+  return static_cast<const char*>(p) + elems * elem;
+}
+inline char* at(void* p, size_t elems, size_t elem) { return static_cast<char*>(p) + elems * elem; }
+
 }  // namespace ulysses::comm_detail
 
 // Checks an MPI call made outside a communicator (bootstrap, group construction). Communicators

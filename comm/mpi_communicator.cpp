@@ -48,12 +48,9 @@ bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   return a_bytes > 0 && b_bytes > 0 && pa < pb + b_bytes && pb < pa + a_bytes;
 }
 
-const char* at(const void* p, size_t elems, size_t elem) {
-  return static_cast<const char*>(p) + elems * elem;
-}
-char* at(void* p, size_t elems, size_t elem) { return static_cast<char*>(p) + elems * elem; }
-
 }  // namespace
+
+using comm_detail::at;
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
     : Communicator(std::move(name), 0, 1) {

@@ -35,12 +35,9 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
-const char* at(const void* p, size_t elems, size_t elem) {
-  return static_cast<const char*>(p) + elems * elem;
-}
-char* at(void* p, size_t elems, size_t elem) { return static_cast<char*>(p) + elems * elem; }
-
 }  // namespace
+
+using comm_detail::at;
 
 NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name)
     : Communicator(std::move(name), 0, 1) {
