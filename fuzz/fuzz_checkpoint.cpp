@@ -33,7 +33,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return ulysses::GPTShape::from(m);
   }();
   static const int64_t n = ulysses::num_parameters(shape);
-  static std::vector<float> params(size_t(n)), m(size_t(n)), v(size_t(n));
+  static std::vector<float> params = std::vector<float>(size_t(n)), m = params, v = params;
   static const fs::path dir = fs::temp_directory_path() / ("ulysses_fuzz_ckpt_" + std::to_string(::getpid()));
 
   fs::remove_all(dir);
