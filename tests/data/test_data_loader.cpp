@@ -29,7 +29,7 @@ std::vector<std::vector<int32_t>> make_counter_shards(const TempDir& dir, const 
   std::vector<std::vector<int32_t>> windows;
   uint16_t counter = 0;
   for (size_t i = 0; i < sizes.size(); i++) {
-    std::vector<uint16_t> tokens(size_t(sizes[i]));
+    std::vector<uint16_t> tokens(static_cast<size_t>(sizes[i]));
     for (auto& t : tokens) t = counter++;
     const std::string p = dir.file(fmt::format("{}_{:06d}.bin", stem, i));
     write_token_shard(p, tokens);
