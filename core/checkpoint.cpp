@@ -154,10 +154,10 @@ std::string verify_checkpoint(const std::string& path) {
   } catch (const YAML::Exception& e) {
     return fmt::format("manifest.yaml unreadable: {}", e.what());
   }
-  if (!man["files"] || !man["files"].IsMap()) return "manifest.yaml has no 'files' map";
+  if (!man.IsMap() || !man["files"] || !man["files"].IsMap()) return "manifest.yaml has no 'files' map";
   for (const char* f : kFiles) {
     const YAML::Node entry = man["files"][f];
-    if (!entry) return fmt::format("manifest.yaml does not list {}", f);
+    if (!entry || !entry.IsMap()) return fmt::format("manifest.yaml does not list {}", f);
     const std::string file = path + "/" + f;
     if (!fs::exists(file)) return fmt::format("{} missing", f);
     uint64_t size = 0;

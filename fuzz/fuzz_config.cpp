@@ -27,7 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   const std::string printed = ulysses::to_yaml(cfg);
-  const ulysses::Config again = ulysses::load_config_string(printed, "printed.yaml");  // must not throw
+  const ulysses::Config again = ulysses::load_config_string(printed, "fuzz.yaml");  // must not throw (same source: to_yaml names it)
   if (ulysses::to_yaml(again) != printed) std::abort();  // the round trip lost something
   return 0;
 }
