@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/gpt.h"
+#include "tests/test_util.h"
 
 using namespace ulysses;
 
@@ -65,14 +66,7 @@ size_t layout_bytes(const ModelConfig& m, GPTRunShape shape) {
   return total;
 }
 
-double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, double(std::abs(a[i] - b[i])));
-    scale = std::max(scale, double(std::abs(b[i])));
-  }
-  return diff / scale;
-}
+using test::max_rel_diff;
 
 }  // namespace
 

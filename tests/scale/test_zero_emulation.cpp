@@ -22,6 +22,7 @@
 #include "core/emulate.h"
 #include "core/gpt.h"
 #include "core/zero.h"
+#include "tests/test_util.h"
 
 using namespace ulysses;
 
@@ -115,15 +116,6 @@ ZeroRun train_zero(int stage, int P, int steps) {
   return r;
 }
 
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, double(std::abs(a[i] - b[i])));
-    scale = std::max(scale, double(std::abs(b[i])));
-  }
-  return diff / scale;
-}
-
 }  // namespace
 
 TEST_CASE("ZeRO stages 1 and 2 reproduce stage 0 over DP x SP", "[scale][zero]") {
@@ -138,9 +130,9 @@ TEST_CASE("ZeRO stages 1 and 2 reproduce stage 0 over DP x SP", "[scale][zero]")
         double loss_rel = 0;
         for (size_t i = 0; i < ref.losses.size(); ++i)
           loss_rel = std::max(loss_rel, std::abs(z.losses[i] - ref.losses[i]) / std::abs(ref.losses[i]));
-        double param_rel = max_rel(z.params, ref.params);
+        double param_rel = test::max_rel_diff(z.params, ref.params);
         double state[2] = {0, 0};
-        if (rank == 0) state[0] = max_rel(z.m, ref.m), state[1] = max_rel(z.v, ref.v);
+        if (rank == 0) state[0] = test::max_rel_diff(z.m, ref.m), state[1] = test::max_rel_diff(z.v, ref.v);
         MPI_Allreduce(MPI_IN_PLACE, &param_rel, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
         if (rank == 0)
           std::printf("zero | SP %d x DP %d | stage %d vs 0 | max loss rel %.3e | param rel %.3e | m rel %.3e | "
@@ -154,7 +146,7 @@ TEST_CASE("ZeRO stages 1 and 2 reproduce stage 0 over DP x SP", "[scale][zero]")
         CHECK(state[0] <= (stage == 1 ? 0.0 : 1e-4));
         CHECK(state[1] <= (stage == 1 ? 0.0 : 1e-4));
         // and the check bites: the parameters moved far more than the tolerance in 10 steps
-        CHECK(max_rel(z.params, train_zero(stage, P, 0).params) > 1e-3);
+        CHECK(test::max_rel_diff(z.params, train_zero(stage, P, 0).params) > 1e-3);
       }
     }
   }

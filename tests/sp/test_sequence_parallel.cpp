@@ -13,6 +13,7 @@
 #include "comm/groups.h"
 #include "core/gpt.h"
 #include "core/optimizer.h"
+#include "tests/test_util.h"
 
 using namespace ulysses;
 
@@ -109,14 +110,7 @@ Result run_case(const SpCase& c, bool corrupt_all_to_all) {
     opt_sp.update(sp.context(), sp.params_flat(), sp.grads_flat(), float(t.lr), float(1.0 / sums[1]), step + 1);
     opt_ref.update(ref.context(), ref.params_flat(), ref.grads_flat(), float(t.lr), float(1.0 / ref_count), step + 1);
   }
-  const float* a = sp.params_flat().f32();
-  const float* b = ref.params_flat().f32();
-  double max_diff = 0, max_ref = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    max_diff = std::max(max_diff, double(std::abs(a[i] - b[i])));
-    max_ref = std::max(max_ref, double(std::abs(b[i])));
-  }
-  r.max_param_rel = max_diff / max_ref;
+  r.max_param_rel = test::max_rel_diff(sp.params_flat().f32(), ref.params_flat().f32(), n);
   // the worst rank decides
   MPI_Allreduce(MPI_IN_PLACE, &r.max_loss_rel, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, &r.max_param_rel, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
