@@ -244,7 +244,7 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
       param_arena_("parameters", device),
       grad_arena_("gradients", device),
       act_arena_("activations", device) {
-  ctx_.device = device;
+  ctx_ = ops::Context(device);
   const GPTShape& s = shape_;
   const int B = run.B, N = run.N, P = run.P, T = run.T(), C = s.C, d = s.d;
   ULYSSES_ASSERT(N % P == 0, "N = {} not divisible by P = {}", N, P);

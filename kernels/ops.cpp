@@ -25,6 +25,61 @@ int last(const Tensor& t) { return int(t.shape[t.ndim - 1]); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 }  // namespace
 
+// ---- context and data movement ----------------------------------------------------------------
+
+#ifndef ULYSSES_CUDA
+Context::Context(Device d) : device(d) {
+  if (d == Device::cuda) throw std::runtime_error("a cuda context, but ulysses was built without CUDA");
+}
+Context::~Context() = default;
+void* Context::stream() const { return nullptr; }
+#endif
+Context::Context(Context&& o) noexcept : device(o.device), cuda(o.cuda), cudnn_attention(o.cudnn_attention) {
+  o.cuda = nullptr;
+}
+Context& Context::operator=(Context&& o) noexcept {
+  if (this != &o) {
+    this->~Context();
+    new (this) Context(std::move(o));
+  }
+  return *this;
+}
+
+void copy(Context& ctx, Tensor dst, Tensor src) {
+  ULYSSES_ASSERT(dst.dtype == src.dtype && dst.numel() == src.numel(), "copy: {} <- {}", dst.describe(),
+                 src.describe());
+  if (dst.device == Device::cpu && src.device == Device::cpu) {
+    if (!src.empty()) std::memmove(dst.data, src.data, src.bytes());
+    return;
+  }
+  ULYSSES_CPU_ONLY(ctx, "copy");
+  no_cuda("copy");
+}
+
+void synchronize(Context& ctx) {
+  if (ctx.device == Device::cpu) return;
+  no_cuda("synchronize");
+}
+
+void cast(Context& ctx, Tensor dst, Tensor src) {
+  ULYSSES_CPU_ONLY(ctx, "cast");
+  ULYSSES_ASSERT(dst.numel() == src.numel() && dst.device == src.device, "cast: {} <- {}", dst.describe(),
+                 src.describe());
+  if (dst.dtype == DType::f32 && src.dtype == DType::f32) {
+    copy(ctx, dst, src);
+    return;
+  }
+  throw std::runtime_error(fmt::format("cast: {} <- {} is not supported on cpu", dst.describe(), src.describe()));
+}
+
+double sum(Context& ctx, Tensor x) {
+  ULYSSES_CPU_ONLY(ctx, "sum");
+  const float* p = cf(x);
+  double s = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) s += p[i];
+  return s;
+}
+
 void embedding_forward(Context& ctx, Tensor out, Tensor tokens, Tensor positions, Tensor wte, Tensor wpe) {
   ULYSSES_CPU_ONLY(ctx, "embedding_forward");
   ULYSSES_ASSERT(tokens.numel() == rows(out) && positions.numel() == rows(out), "embedding: {} vs {}",
@@ -126,8 +181,9 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
 }
 
 void adamw_update(Context& ctx, Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2,
-                  float eps, float weight_decay, float grad_scale, int t) {
+                  float eps, float weight_decay, float grad_scale, int t, Tensor param_lowp) {
   ULYSSES_CPU_ONLY(ctx, "adamw_update");
+  ULYSSES_ASSERT(param_lowp.empty(), "adamw_update: a low-precision parameter copy on cpu");
   ULYSSES_ASSERT(param.numel() == grad.numel() && m.numel() == param.numel() && v.numel() == param.numel(),
                  "adamw: param {} grad {}", param.describe(), grad.describe());
   cpu::adamw_update(mf(param), cf(grad), mf(m), mf(v), param.numel(), lr, beta1, beta2, eps, weight_decay,

@@ -10,12 +10,44 @@
 
 namespace ulysses::ops {
 
-// Per-device execution state (CUDA stream, cuBLASLt handle and workspace on cuda; nothing on cpu).
-struct Context {
+// Number formats by device (the dtype of each Tensor picks the kernel):
+//   cpu:  everything fp32 (tokens, targets, positions i32).
+//   cuda: weights and activations bf16 (and their gradients flowing through the model);
+//         parameter gradients fp32; LayerNorm mean/rstd, attention lse, losses fp32;
+//         optimizer master weights and moments fp32; tokens, targets, positions i32.
+//
+// Per-device execution state. cpu: nothing. cuda: a stream created on the CUDA device current
+// at construction, the cuBLASLt handle + workspace + heuristic cache (cuda::MatmulContext) and
+// one growable scratch buffer for the ops that need scratch (grown only the first time a larger
+// size is asked for, i.e. during the first step; never shrunk). Every op enqueues on the
+// context's stream and returns without waiting, except those documented as syncing.
+struct CudaState;  // defined by the CUDA side (kernels/cuda/context.cpp)
+class Context {
+ public:
+  Context() = default;  // cpu
+  explicit Context(Device device);
+  ~Context();
+  Context(Context&& o) noexcept;
+  Context& operator=(Context&& o) noexcept;
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
   Device device = Device::cpu;
-  void* cuda_stream = nullptr;  // cudaStream_t
-  void* cuda_state = nullptr;   // backend-owned (cuBLASLt handle, workspace, heuristics cache)
+  CudaState* cuda = nullptr;  // owned; null on cpu
+  void* stream() const;       // the cudaStream_t ops are enqueued on (null on cpu)
+  // runtime.attention on cuda: false = the handwritten flash kernels, true = cuDNN SDPA
+  bool cudnn_attention = false;
 };
+
+// dst = src, same dtype and element count, any pair of devices (host <-> device copies are
+// enqueued on ctx's stream; a host destination is valid only after synchronize(ctx)).
+void copy(Context& ctx, Tensor dst, Tensor src);
+// Waits until every op enqueued on ctx has finished (no-op on cpu).
+void synchronize(Context& ctx);
+// dst = src converted between f32 and bf16 (round to nearest even), same device, same numel.
+void cast(Context& ctx, Tensor dst, Tensor src);
+// Sum of an f32 tensor in double, in a fixed order (deterministic); syncs on cuda.
+double sum(Context& ctx, Tensor x);
 
 // out [R, C] = wte[tokens] + wpe[positions]; wpe empty with rotary positions. tokens, positions: [R]
 void embedding_forward(Context& ctx, Tensor out, Tensor tokens, Tensor positions, Tensor wte, Tensor wpe);
@@ -46,12 +78,16 @@ void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tens
 // logits [R, Vp] (gradient in place), losses [R], targets [R]; V real columns.
 void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets, int V, float grad_scale);
 
+// param: the f32 (master) weights; param_lowp (optional, cuda): a bf16 copy written with the
+// updated weights in the same pass.
 void adamw_update(Context& ctx, Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, float grad_scale, int t);
+                  float beta2, float eps, float weight_decay, float grad_scale, int t,
+                  Tensor param_lowp = Tensor());
 double sum_squares(Context& ctx, Tensor x);  // returns to the host (syncs on cuda)
 void fill_zero(Context& ctx, Tensor x);      // memset 0 on the tensor's device
 
-// Ulysses layout transforms (see cpu_ops.h); heads/head_offsets live on the host for cpu.
+// Ulysses layout transforms (see cpu_ops.h). heads / head_offsets live on the tensors' device
+// (host arrays for cpu, device arrays for cuda, e.g. made once by UlyssesAllToAll).
 void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P);
 void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
                           int P, bool accumulate);
