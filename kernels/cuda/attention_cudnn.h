@@ -16,7 +16,7 @@
 //
 // Cost and state. The first call for a shape (B, N, Hq, Hkv, d) builds the operation graph, asks
 // cuDNN's heuristics for engines, finalizes the first execution plan that works (this runs
-// cuDNN's runtime compilation: hundreds of milliseconds) and allocates that plan's device
+// cuDNN's runtime compilation: a one-off host-side delay) and allocates that plan's device
 // workspace with cudaMalloc; both are kept until destruction, so later calls of that shape
 // allocate nothing on the device and do not synchronise. Each call creates and destroys one
 // host-side variant-pack descriptor (the pointers differ per layer).
