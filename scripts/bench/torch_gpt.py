@@ -26,6 +26,7 @@ Prints the step time, tokens/s, TFLOP/s, MFU and peak memory, and last a line
 that scripts/device/check.sh tabulates. Exit status: 0 ok, 3 out of memory (RESULT says "oom").
 """
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -251,14 +252,10 @@ def sdpa_context(device, backend):
 def gqa_supported(device, dtype, backend):
     # Whether SDPA takes enable_gqa under the forced backend (PyTorch >= 2.5; not every backend).
     try:
-        q = torch.randn(1, 4, 16, 64, device=device, dtype=dtype)
-        kv = torch.randn(1, 2, 16, 64, device=device, dtype=dtype)
-        ctx = sdpa_context(device, backend)
-        if ctx is None:
-            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
-        else:
-            with ctx:
-                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        q = torch.randn(1, 4, 16, 64, device=device, dtype=dtype, requires_grad=True)
+        kv = torch.randn(1, 2, 16, 64, device=device, dtype=dtype, requires_grad=True)
+        with sdpa_context(device, backend) or contextlib.nullcontext():
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
         return True
     except (RuntimeError, TypeError):
         return False
@@ -312,14 +309,11 @@ def main(argv):
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        ctx = sdpa_context(a.device, a.sdpa_backend)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if ctx is None:
+        # backward inside the SDPA context too: with --recompute full it re-runs the forward
+        with sdpa_context(a.device, a.sdpa_backend) or contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = state["step_fn"](tokens, targets)
-            else:
-                with ctx:
-                    loss = state["step_fn"](tokens, targets)
-        loss.backward()
+            loss.backward()
         if a.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
