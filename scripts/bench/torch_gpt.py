@@ -279,7 +279,8 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
 
     use_gqa = s.Hkv != s.Hq and gqa_supported(a.device, amp_dtype or torch.float32, a.sdpa_backend)
-    model = GPT(s, "none" if a.recompute == "auto" else a.recompute, use_gqa).to(device)
+    with device:  # built where it runs: PyTorch's default init of 1.3B parameters on the host is slow
+        model = GPT(s, "none" if a.recompute == "auto" else a.recompute, use_gqa)
     model.init_weights()
     model.set_sequence_length(N, device)
     n_params = sum(p.numel() for p in model.parameters())

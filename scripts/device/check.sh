@@ -55,9 +55,9 @@ command -v mpirun >/dev/null && launch=(env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
 
-verdict() {  # exit code -> PASS / SKIP / TIMEOUT / FAIL
+verdict() {  # verdict EXIT_CODE STAGE -> PASS / SKIP / TIMEOUT / FAIL (torch_gpt.py exits 3 when out of memory)
   case $1 in 0) echo PASS ;; 77) echo SKIP ;; 124|137) echo TIMEOUT ;; skip) echo "SKIP (no time)" ;;
-    3) echo "FAIL (out of memory)" ;; *) echo "FAIL (exit $1)" ;; esac
+    3) [[ $2 == torch_* ]] && echo "FAIL (out of memory)" || echo "FAIL (exit 3)" ;; *) echo "FAIL (exit $1)" ;; esac
 }
 
 # stage NAME CAP_S COMMAND...: runs COMMAND under `timeout`, output to the screen and
@@ -130,7 +130,7 @@ echo
 echo "================ ulysses CUDA check ================"
 printf "%-26s %s\n" "GPU" "${gpu:-unknown}" "driver" "${driver:-unknown}" "time" "$((SECONDS - started)) s"
 for name in "${stages[@]}"; do
-  printf "%-26s %s\n" "$name" "$(verdict "${rc[$name]}")"
+  printf "%-26s %s\n" "$name" "$(verdict "${rc[$name]}" "$name")"
   case $name in
     test_*) grep -E "^FAIL" "$log_dir/$name.log" 2>/dev/null | head -20 | sed 's/^/    /' ;;
     bench_cuda)
