@@ -82,8 +82,9 @@ stage() {
 }
 
 # ---- tests ----------------------------------------------------------------------------------------
-required_stages=(test_cuda_ops bench_cuda)
+required_stages=(test_cuda_ops test_cudnn_attention bench_cuda)
 stage test_cuda_ops 150 "$build/tests/cuda/test_cuda_ops"
+stage test_cudnn_attention 60 "$build/tests/cuda/test_cudnn_attention"
 
 # ---- kernel benchmark -----------------------------------------------------------------------------
 bench_args=()
