@@ -1,15 +1,16 @@
 // The training loop (see core/trainer.h). One optimizer step:
 //   for each of `accum` micro-batches: forward, fused LM head + loss, backward (grads accumulate
 //   as the gradient of the summed loss over this rank's tokens)
-//   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world
+//   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world (ZeRO
+//   2, 3: each layer's gradient is reduce-scattered into shards during backward, core/zero3.h)
 //   grad_norm = |g| / tokens; clip; AdamW with grad_scale = clip / tokens
 #include "core/trainer.h"
 
 #include <omp.h>
 
 #include <chrono>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <limits>
