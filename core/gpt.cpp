@@ -70,6 +70,26 @@ Tensor layer_slice(const Tensor& stacked, int l) {
   return out;
 }
 
+LayerTensors GPT::layer_params(int l) {
+  if (run_.sharded_layer_params) {
+    ULYSSES_ASSERT(hooks_, "sharded layer parameters without LayerHooks");
+    return hooks_->layer_params(l);
+  }
+  LayerTensors out;
+  for (int k = 0; k < kNumLayerTensors; ++k) out.t[k] = layer_slice(params_.t[kFirstLayerTensor + k], l);
+  return out;
+}
+
+LayerTensors GPT::layer_grads(int l) {
+  if (run_.sharded_layer_grads) {
+    ULYSSES_ASSERT(hooks_, "sharded layer gradients without LayerHooks");
+    return hooks_->layer_grads(l);
+  }
+  LayerTensors out;
+  for (int k = 0; k < kNumLayerTensors; ++k) out.t[k] = layer_slice(grads_.t[kFirstLayerTensor + k], l);
+  return out;
+}
+
 // ---- activations --------------------------------------------------------------------------------
 
 Recompute parse_recompute(const std::string& name) {
@@ -252,40 +272,50 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     throw_user_error("train.seq_len = {} exceeds model.max_seq_len = {} (the learned position table)", N, s.maxT);
   const int64_t BT = int64_t(B) * T;
 
-  // -- parameters and gradients: one buffer each, llm.c order
+  // -- parameters and gradients: one buffer each, llm.c order. With sharded layers (ZeRO 2 / 3,
+  //    core/zero3.h) a buffer holds only the non-layer tensors wte, wpe, lnfw, lnfb, and the
+  //    layer tensors keep their shapes but no data.
   const auto specs = parameter_specs(s);
   const int64_t n_params = num_parameters(s);
-  auto carve = [&](Tensor flat, ParameterTensors& out) {
+  ULYSSES_ASSERT(!run.sharded_layer_params || run.sharded_layer_grads, "sharded layer parameters need sharded gradients");
+  int64_t n_layer_tensors = 0;
+  for (int k = 0; k < kNumLayerTensors; ++k) n_layer_tensors += specs[size_t(kFirstLayerTensor + k)].numel();
+  auto carve = [&](Tensor flat, ParameterTensors& out, bool with_layers) {
     int64_t off = 0;
     for (int i = 0; i < kNumParameterTensors; ++i) {
+      const bool stored = with_layers || i < kFirstLayerTensor || i >= kFirstLayerTensor + kNumLayerTensors;
       Tensor t = flat;
-      t.data = static_cast<float*>(flat.data) + off;
+      t.data = stored ? static_cast<float*>(flat.data) + off : nullptr;
       t.ndim = int(specs[i].shape.size());
       for (int k = 0; k < t.ndim; ++k) t.shape[k] = specs[i].shape[k];
       out.t[i] = t;
-      off += specs[i].numel();
+      if (stored) off += specs[i].numel();
     }
   };
   if (shared_params) {
     ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C, "shared parameters of another shape");
+    ULYSSES_ASSERT(!shared_params->run_.sharded_layer_params && !run.sharded_layer_params,
+                   "a model with sharded layer parameters cannot share them");
     params_flat_ = shared_params->params_flat_;
     params_padded_ = shared_params->params_padded_;
   } else {
     // zero padding to a multiple of flat_multiple (the arenas are zeroed on allocation and
     // nothing writes the padding, so it stays 0 through training)
     const int64_t m = std::max(1, run.flat_multiple);
-    const int64_t n_padded = (n_params + m - 1) / m * m;
-    const size_t p_off = param_arena_.reserve(size_t(n_padded) * 4);
+    const int64_t n_p = run.sharded_layer_params ? n_params - n_layer_tensors : n_params;
+    const int64_t n_g = run.sharded_layer_grads ? n_params - n_layer_tensors : n_params;
+    const int64_t p_padded = (n_p + m - 1) / m * m, g_padded = (n_g + m - 1) / m * m;
+    const size_t p_off = param_arena_.reserve(size_t(p_padded) * 4);
     param_arena_.allocate();
-    params_padded_ = param_arena_.tensor(p_off, {n_padded}, DType::f32);
-    params_flat_ = params_padded_.rows(0, n_params);
-    const size_t g_off = grad_arena_.reserve(size_t(n_padded) * 4);
+    params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);
+    params_flat_ = params_padded_.rows(0, n_p);
+    const size_t g_off = grad_arena_.reserve(size_t(g_padded) * 4);
     grad_arena_.allocate();
-    grads_padded_ = grad_arena_.tensor(g_off, {n_padded}, DType::f32);
-    grads_flat_ = grads_padded_.rows(0, n_params);
-    carve(grads_flat_, grads_);
+    grads_padded_ = grad_arena_.tensor(g_off, {g_padded}, DType::f32);
+    grads_flat_ = grads_padded_.rows(0, n_g);
+    carve(grads_flat_, grads_, !run.sharded_layer_grads);
   }
-  carve(params_flat_, params_);
+  carve(params_flat_, params_, !run.sharded_layer_params);
 
   // -- the Ulysses all-to-alls and this rank's heads
   hq_ = s.Hq;
@@ -348,42 +378,54 @@ void GPT::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout
 
 // ---- init -------------------------------------------------------------------------------------
 
-void GPT::init_weights(uint64_t seed) {
-  ULYSSES_ASSERT(device_ == Device::cpu, "init_weights runs on host parameters");
-  // Box-Muller on mt19937_64 by hand: std::normal_distribution is implementation-defined.
+void parameter_init_values(const GPTShape& s, double init_std, uint64_t seed,
+                           const std::function<void(int tensor, int64_t begin, const float* values, int64_t n)>& sink) {
   std::mt19937_64 rng(seed);
   auto uniform = [&] { return (double(rng() >> 11) + 0.5) * (1.0 / 9007199254740992.0); };
-  auto normal = [&](float* p, int64_t n, double std) {
-    for (int64_t i = 0; i < n; i += 2) {
-      const double u1 = uniform(), u2 = uniform();
-      const double r = std::sqrt(-2.0 * std::log(u1));
-      p[i] = float(std * r * std::cos(2 * M_PI * u2));
-      if (i + 1 < n) p[i + 1] = float(std * r * std::sin(2 * M_PI * u2));
+  // chunks of an even length: a Box-Muller pair never straddles two chunks, so the stream is the
+  // same as one pass over the whole tensor
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<float> buf(static_cast<size_t>(kChunk));
+  auto normal = [&](int tensor, int64_t n, double std) {
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t len = std::min(kChunk, n - c);
+      float* p = buf.data();
+      for (int64_t i = 0; i < len; i += 2) {
+        const double u1 = uniform(), u2 = uniform();
+        const double r = std::sqrt(-2.0 * std::log(u1));
+        p[i] = float(std * r * std::cos(2 * M_PI * u2));
+        if (i + 1 < len) p[i + 1] = float(std * r * std::sin(2 * M_PI * u2));
+      }
+      sink(tensor, c, p, len);
     }
   };
-  auto fill = [](Tensor t, float v) {
-    float* p = t.f32();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = v;
+  auto fill = [&](int tensor, int64_t n, float v) {
+    std::fill(buf.begin(), buf.end(), v);
+    for (int64_t c = 0; c < n; c += kChunk) sink(tensor, c, buf.data(), std::min(kChunk, n - c));
   };
-  const double std = init_std_;
-  const double residual_std = std / std::sqrt(2.0 * shape_.L);
-  auto& p = params_;
-  normal(p.wte().f32(), p.wte().numel(), std);
-  if (!p.wpe().empty()) normal(p.wpe().f32(), p.wpe().numel(), std);
-  fill(p.ln1w(), 1.f);
-  fill(p.ln1b(), 0.f);
-  normal(p.qkvw().f32(), p.qkvw().numel(), std);
-  fill(p.qkvb(), 0.f);
-  normal(p.attprojw().f32(), p.attprojw().numel(), residual_std);
-  fill(p.attprojb(), 0.f);
-  fill(p.ln2w(), 1.f);
-  fill(p.ln2b(), 0.f);
-  normal(p.fcw().f32(), p.fcw().numel(), std);
-  fill(p.fcb(), 0.f);
-  normal(p.fcprojw().f32(), p.fcprojw().numel(), residual_std);
-  fill(p.fcprojb(), 0.f);
-  fill(p.lnfw(), 1.f);
-  fill(p.lnfb(), 0.f);
+  const double residual_std = init_std / std::sqrt(2.0 * s.L);
+  const std::vector<ParameterSpec> specs = parameter_specs(s);
+  for (int i = 0; i < kNumParameterTensors; ++i) {
+    const ParameterSpec& p = specs[size_t(i)];
+    const int64_t n = p.numel();
+    if (n == 0) continue;  // wpe with rotary positions
+    if (p.name == "attprojw" || p.name == "fcprojw")
+      normal(i, n, residual_std);
+    else if (p.weight_decay)  // wte, wpe, qkvw, fcw
+      normal(i, n, init_std);
+    else
+      fill(i, n, p.name == "ln1w" || p.name == "ln2w" || p.name == "lnfw" ? 1.f : 0.f);
+  }
+}
+
+void GPT::init_weights(uint64_t seed) {
+  ULYSSES_ASSERT(device_ == Device::cpu, "init_weights runs on host parameters");
+  // the tensors this model stores (with sharded layers: wte, wpe, lnfw, lnfb; core/zero3.h
+  // initialises the layer shards from the same stream)
+  parameter_init_values(shape_, init_std_, seed, [&](int i, int64_t begin, const float* values, int64_t n) {
+    const Tensor& t = params_.t[size_t(i)];
+    if (t.data) std::memcpy(t.f32() + begin, values, size_t(n) * 4);
+  });
 }
 
 void GPT::zero_grad() { ops::fill_zero(ctx_, grads_flat_); }
@@ -394,11 +436,10 @@ void GPT::attention_forward(Layer& a, int l) {
   const GPTShape& s = shape_;
   const int B = run_.B, T = run_.T(), d = s.d;
   Activations& A = *act_;
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   // qkv = ln1 · Wqkv + b        [B*T, C] -> [B, T, Hq + 2Hkv, d]
   Tensor qkv = run_.P > 1 ? A.qkv_local : a.qkv_full;
-  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l),
-                 layer_slice(p.qkvb(), l));
+  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, p.qkvw(), p.qkvb());
   if (s.rope) {  // rotate q and k by their global positions, before they leave the rank
     ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   }
@@ -419,26 +460,25 @@ void GPT::attention_forward(Layer& a, int l) {
 // so fch / fch_gelu need only [chunk, 4C]. Leaves residual3 = fcproj(...) (residual added after).
 void GPT::mlp_forward(Layer& a, int l) {
   const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   for (int64_t r = 0; r < BT; r += chunk) {
     const int64_t n = std::min(chunk, BT - r);
     Tensor fch = a.fch.rows(run_.mlp_tiled() ? 0 : r, n), gelu = a.fch_gelu.rows(0, n);
-    matmul_forward(fch, a.ln2.rows(r, n), layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+    matmul_forward(fch, a.ln2.rows(r, n), p.fcw(), p.fcb());
     ops::gelu_forward(ctx_, gelu, fch);
-    matmul_forward(a.residual3.rows(r, n), gelu, layer_slice(p.fcprojw(), l), layer_slice(p.fcprojb(), l));
+    matmul_forward(a.residual3.rows(r, n), gelu, p.fcprojw(), p.fcprojb());
   }
 }
 
 void GPT::block_forward(Layer& a, int l, Tensor x) {
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   // attention block: x + Wo · attention(LN1(x))
-  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l), layer_slice(p.ln1b(), l));
+  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, p.ln1w(), p.ln1b());
   attention_forward(a, l);
-  matmul_forward(a.residual2, a.att, layer_slice(p.attprojw(), l), layer_slice(p.attprojb(), l));
+  matmul_forward(a.residual2, a.att, p.attprojw(), p.attprojb());
   ops::residual_forward(ctx_, a.residual2, a.residual2, x);
   // MLP block: x + W2 · gelu(W1 · LN2(x))
-  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
-                         layer_slice(p.ln2b(), l));
+  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w(), p.ln2b());
   mlp_forward(a, l);
   ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
 }
@@ -460,6 +500,7 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
   ops::embedding_forward(ctx_, A.encoded, A.tokens, A.positions, p.wte(), s.rope ? Tensor() : p.wpe());
   Tensor x = A.encoded;
   for (int l = 0; l < s.L; ++l) {
+    if (hooks_) hooks_->before_forward(l);
     Layer& a = A.layers[size_t(l)];
     block_forward(a, l, x);
     x = a.residual3;
@@ -505,12 +546,11 @@ void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   const GPTShape& s = shape_;
   Activations& A = *act_;
   const int B = run_.B, T = run_.T(), d = s.d;
-  auto& p = params_;
-  auto& g = grads_;
+  LayerTensors p = layer_params(l);
+  LayerTensors g = layer_grads(l);
   // out = att · Wo + b: d(att) = dres · Wo
   ops::fill_zero(ctx_, A.datt);
-  matmul_backward(A.datt, layer_slice(g.attprojw(), l), layer_slice(g.attprojb(), l), dres, a.att,
-                  layer_slice(p.attprojw(), l));
+  matmul_backward(A.datt, g.attprojw(), g.attprojb(), dres, a.att, p.attprojw());
   if (run_.P > 1) {
     // backward of #2: [B, N/P, Hq, d] -> [B, N, hq, d]
     ulysses_->all_to_all_out_heads_to_seq(ctx_, A.datt_full, A.datt.reshape({B, T, s.Hq, d}));
@@ -526,16 +566,16 @@ void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   // qkv = ln1 · Wqkv + b
   ops::fill_zero(ctx_, A.dln);
-  matmul_backward(A.dln, layer_slice(g.qkvw(), l), layer_slice(g.qkvb(), l),
-                  dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l));
+  matmul_backward(A.dln, g.qkvw(), g.qkvb(), dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1,
+                  p.qkvw());
 }
 
 // residual3 = residual2 + W2 · gelu(W1 · LN2(residual2)), chunk by chunk; leaves d(LN2 out) in
 // dln. A tiled MLP recomputes each chunk's fch and gelu first (they were not kept).
 void GPT::mlp_backward(Layer& a, int l) {
   Activations& A = *act_;
-  auto& p = params_;
-  auto& g = grads_;
+  LayerTensors p = layer_params(l);
+  LayerTensors g = layer_grads(l);
   const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
   const bool tiled = run_.mlp_tiled();
   ops::fill_zero(ctx_, A.dln);
@@ -544,18 +584,16 @@ void GPT::mlp_backward(Layer& a, int l) {
     Tensor fch = a.fch.rows(tiled ? 0 : r, n), gelu = a.fch_gelu.rows(0, n), ln2 = a.ln2.rows(r, n);
     if (tiled) {
       counting_ = false;
-      matmul_forward(fch, ln2, layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+      matmul_forward(fch, ln2, p.fcw(), p.fcb());
       counting_ = true;
     }
     if (tiled || run_.recompute == Recompute::selective) ops::gelu_forward(ctx_, gelu, fch);
     Tensor dgelu = A.dfch_gelu.rows(0, n), dfch = A.dfch.rows(0, n);
     ops::fill_zero(ctx_, dgelu);
-    matmul_backward(dgelu, layer_slice(g.fcprojw(), l), layer_slice(g.fcprojb(), l), A.dres.rows(r, n), gelu,
-                    layer_slice(p.fcprojw(), l));
+    matmul_backward(dgelu, g.fcprojw(), g.fcprojb(), A.dres.rows(r, n), gelu, p.fcprojw());
     ops::fill_zero(ctx_, dfch);
     ops::gelu_backward(ctx_, dfch, fch, dgelu);
-    matmul_backward(A.dln.rows(r, n), layer_slice(g.fcw(), l), layer_slice(g.fcb(), l), dfch, ln2,
-                    layer_slice(p.fcw(), l));
+    matmul_backward(A.dln.rows(r, n), g.fcw(), g.fcb(), dfch, ln2, p.fcw());
   }
 }
 
@@ -569,6 +607,8 @@ void GPT::backward() {
   const Tensor top = s.L > 0 ? A.layers[size_t(s.L - 1)].residual3 : A.encoded;
   ops::layernorm_backward(ctx_, A.dres, g.lnfw(), g.lnfb(), A.dlnf, top, p.lnfw(), A.lnf_mean, A.lnf_rstd);
   for (int l = s.L - 1; l >= 0; --l) {
+    if (hooks_) hooks_->before_backward(l);
+    LayerTensors lp = layer_params(l), lg = layer_grads(l);
     Layer& a = A.layers[size_t(l)];
     const Tensor x = l > 0 ? A.layers[size_t(l - 1)].residual3 : A.encoded;
     if (run_.recompute == Recompute::full) {
@@ -578,19 +618,17 @@ void GPT::backward() {
       block_forward(a, l, x);
       counting_ = true;
     } else if (run_.recompute == Recompute::selective) {
-      ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
-                             layer_slice(p.ln2b(), l));
+      ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, lp.ln2w(), lp.ln2b());
     }
     mlp_backward(a, l);
-    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln2w(), l), layer_slice(g.ln2b(), l), A.dln, a.residual2,
-                            layer_slice(p.ln2w(), l), a.ln2_mean, a.ln2_rstd);
+    ops::layernorm_backward(ctx_, A.dres, lg.ln2w(), lg.ln2b(), A.dln, a.residual2, lp.ln2w(), a.ln2_mean,
+                            a.ln2_rstd);
     // attention block: residual2 = x + Wo · attention(LN1(x)); leaves d(LN1 out) in dln
     if (run_.recompute != Recompute::none)  // ln1 and ln2 share one buffer: it holds ln2 now
-      ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l),
-                             layer_slice(p.ln1b(), l));
+      ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, lp.ln1w(), lp.ln1b());
     attention_backward(a, l, A.dres);
-    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln1w(), l), layer_slice(g.ln1b(), l), A.dln, x,
-                            layer_slice(p.ln1w(), l), a.ln1_mean, a.ln1_rstd);
+    ops::layernorm_backward(ctx_, A.dres, lg.ln1w(), lg.ln1b(), A.dln, x, lp.ln1w(), a.ln1_mean, a.ln1_rstd);
+    if (hooks_) hooks_->after_backward(l);
   }
   ops::embedding_backward(ctx_, g.wte(), s.rope ? Tensor() : g.wpe(), A.dres, A.tokens, A.positions);
 }

@@ -2,15 +2,24 @@
 //
 // Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W):
 //                          CPU fp32 (as implemented)          CUDA bf16 (the design)
-//   parameters             4 n_pad                            2 n (bf16), / W at ZeRO 3
+//   parameters             4 n_pad                            2 n (bf16)
 //   master weights         - (the parameters are fp32)        4 n, / W at ZeRO >= 1
-//   gradients              4 n_pad (+ 4 n_pad / W shard, Z2)  2 n; ZeRO >= 2: 2 n / W + one layer's bucket
+//   gradients              4 n_pad                            2 n
 //   optimizer m, v         8 n_pad, / W at ZeRO >= 1          8 n, / W at ZeRO >= 1
+// ZeRO 2 and 3 (core/zero3.h, LayerShardLayout): Z = L·S + R elements per rank of each sharded
+// array (S a layer block's shard, R the rest's: wte, wpe, lnfw, lnfb), blk = W·S one layer block,
+// rest = W·R, held = what the model stores (n_pad at ZeRO 2, rest at ZeRO 3):
+//   parameters             4 held + 4 Z (the fp32 master      2 held + 2 Z (bf16 compute shards)
+//                          shards) + 4 blk (ZeRO 2) or 8 blk  + 2 blk (ZeRO 2) or 4 blk (ZeRO 3)
+//                          (ZeRO 3: two layer buffers)
+//   master weights         -                                  4 Z
+//   gradients              4 rest + 4 Z + 4 blk + 4 S (the model's rest, the shards, one layer
+//                          buffer, the reduce-scatter's receive buffer), fp32 in both columns
+//   optimizer m, v         8 Z                                8 Z
 //   activations            GPT::activation_layout, by kind (fp32; bf16 on CUDA except the
 //                          LayerNorm / softmax statistics and the losses, which stay fp32)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
-// ZeRO 3 is not implemented in the trainer yet; its rows show what it will save.
 #include "core/memory_estimate.h"
 
 #include <algorithm>
@@ -25,6 +34,7 @@
 #include "core/emulate.h"
 #include "core/error.h"
 #include "core/zero.h"
+#include "core/zero3.h"
 
 namespace ulysses {
 
@@ -61,12 +71,21 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   MemoryEstimate e;
   auto add = [&](std::string name, double bytes) { e.items.push_back({std::move(name), bytes}); };
   // the same items in both layouts (the table prints them side by side)
-  const double layer_params = n / std::max(1, s.L);  // a gradient bucket of about one layer
-  add("parameters (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : (zero_stage >= 3 ? 2 * n / W : 2 * n));
-  add("master weights (CUDA fp32)", cpu ? 0 : (zero_stage >= 1 ? 4 * n / W : 4 * n));
-  add("gradients (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad + (zero_stage >= 2 ? 4 * n_pad / W : 0)
-                                              : (zero_stage >= 2 ? 2 * n / W + 2 * layer_params : 2 * n));
-  add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * (cpu ? n_pad : n) / W : 8 * (cpu ? n_pad : n));
+  if (zero_stage <= 1) {
+    add("parameters (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : 2 * n);
+    add("master weights (CUDA fp32)", cpu ? 0 : (zero_stage >= 1 ? 4 * n / W : 4 * n));
+    add("gradients (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : 2 * n);
+    add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * (cpu ? n_pad : n) / W : 8 * (cpu ? n_pad : n));
+  } else {
+    const LayerShardLayout lay = LayerShardLayout::make(s, world_size);
+    const double Z = double(s.L) * double(lay.shard) + double(lay.rest_shard), blk = double(lay.block());
+    const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : (cpu ? n_pad : n);
+    const double pb = cpu ? 4 : 2, buffers = zero_stage == 3 ? 2 : 1;
+    add("parameters (CPU fp32 | CUDA bf16)", pb * held + pb * Z + pb * buffers * blk);
+    add("master weights (CUDA fp32)", cpu ? 0 : 4 * Z);
+    add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk + 4 * double(lay.shard));
+    add("optimizer m, v (fp32)", 8 * Z);
+  }
   // activations: the model's own layout for rank 0 of the sequence group
   int hq = s.Hq, hkv = s.Hkv;
   size_t scratch = 0;
@@ -163,7 +182,7 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
       out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
-  out += "(CPU ZeRO 3 and all CUDA rows: the design; the trainer runs ZeRO 0-2 on the CPU today)\n";
+  out += "(CPU rows: what the trainer allocates; CUDA rows: the design of the CUDA path)\n";
   fmt::print("{}", out);
   return 0;
 }
