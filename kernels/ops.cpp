@@ -315,9 +315,10 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
 #ifdef ULYSSES_CUDA
   if (ctx.device == Device::cuda) {
     const CudaCall c(ctx, "matmul_backward");
-    ULYSSES_ASSERT((dinp.empty() || dinp.numel() == inp.numel()) && (dweight.empty() || dweight.numel() == weight.numel()) &&
-                       (dbias.empty() || dbias.numel() == OC),
-                   "matmul_backward: dinp {} dweight {} dbias {}", dinp.describe(), dweight.describe(), dbias.describe());
+    ULYSSES_ASSERT((dinp.empty() || dinp.numel() == inp.numel()) &&
+                       (dweight.empty() || dweight.numel() == weight.numel()) && (dbias.empty() || dbias.numel() == OC),
+                   "matmul_backward: dinp {} dweight {} dbias {}", dinp.describe(), dweight.describe(),
+                   dbias.describe());
     if (IC % 8 != 0 || OC % 8 != 0)
       fail(c.op, fmt::format("on cuda IC and OC must be multiples of 8 (cuBLASLt's 16-byte alignment), got IC={} "
                              "OC={} (inp {}, dout {})", IC, OC, inp.describe(), dout.describe()));
@@ -389,7 +390,8 @@ void rope_forward(Context& ctx, Tensor x, int head_begin, int n_heads, Tensor po
   if (positions.numel() == 0) return;
   const int d = last(x);
   const int64_t row_stride = x.numel() / positions.numel();
-  ULYSSES_ASSERT(x.numel() % positions.numel() == 0 && head_begin >= 0 && int64_t(head_begin + n_heads) * d <= row_stride,
+  ULYSSES_ASSERT(x.numel() % positions.numel() == 0 && head_begin >= 0 &&
+                     int64_t(head_begin + n_heads) * d <= row_stride,
                  "rope: x {} positions {} heads [{}, {})", x.describe(), positions.describe(), head_begin,
                  head_begin + n_heads);
 #ifdef ULYSSES_CUDA
@@ -408,7 +410,8 @@ void rope_backward(Context& ctx, Tensor dx, int head_begin, int n_heads, Tensor 
   if (positions.numel() == 0) return;
   const int d = last(dx);
   const int64_t row_stride = dx.numel() / positions.numel();
-  ULYSSES_ASSERT(dx.numel() % positions.numel() == 0 && head_begin >= 0 && int64_t(head_begin + n_heads) * d <= row_stride,
+  ULYSSES_ASSERT(dx.numel() % positions.numel() == 0 && head_begin >= 0 &&
+                     int64_t(head_begin + n_heads) * d <= row_stride,
                  "rope_backward: dx {} positions {} heads [{}, {})", dx.describe(), positions.describe(), head_begin,
                  head_begin + n_heads);
 #ifdef ULYSSES_CUDA

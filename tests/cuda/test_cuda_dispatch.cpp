@@ -174,14 +174,14 @@ Results layernorm_case(ops::Context& ctx, int R, int C, uint64_t seed) {
                           host(inp, {R, C}), host(w, {C}), host(mean_ref, {R}), host(rstd_ref, {R}));
 
   DeviceBuffer<bf16> d_inp(inp), d_dout(dout), d_w(w), d_b(b), d_out(n), d_dinp(dinp0);
-  DeviceBuffer<float> d_mean(R), d_rstd(R), d_dw(dw0), d_db(db0);
+  DeviceBuffer<float> d_mean(R), d_rstd(R), d_mean_ref(mean_ref), d_rstd_ref(rstd_ref), d_dw(dw0), d_db(db0);
   d_out.poison(), d_mean.poison(), d_rstd.poison();
   ready();
   ops::layernorm_forward(ctx, dev(d_out, {R, C}), dev(d_mean, {R}), dev(d_rstd, {R}), dev(d_inp, {R, C}),
                          dev(d_w, {C}), dev(d_b, {C}));
-  // the backward consumes the cuda forward's own statistics (fp32, compared above)
+  // both backwards consume the reference statistics
   ops::layernorm_backward(ctx, dev(d_dinp, {R, C}), dev(d_dw, {C}), dev(d_db, {C}), dev(d_dout, {R, C}),
-                          dev(d_inp, {R, C}), dev(d_w, {C}), dev(d_mean, {R}), dev(d_rstd, {R}));
+                          dev(d_inp, {R, C}), dev(d_w, {C}), dev(d_mean_ref, {R}), dev(d_rstd_ref, {R}));
   return {err("out", d_out.download(), out_ref, 1e-2),     err("mean", d_mean.download(), mean_ref, 1e-5),
           err("rstd", d_rstd.download(), rstd_ref, 1e-5),  err("dinp", d_dinp.download(), dinp_ref, 1e-2),
           err("dweight", d_dw.download(), dw_ref, 1e-4),   err("dbias", d_db.download(), db_ref, 1e-4)};
@@ -211,8 +211,8 @@ Results matmul_case(ops::Context& ctx, int M, int IC, int OC, bool with_bias, bo
   ready();
   ops::matmul_forward(ctx, dev(d_out, {M, OC}), dev(d_inp, {M, IC}), dev(d_w, {OC, IC}),
                       with_bias ? dev(d_bias, {OC}) : no);
-  ops::matmul_backward(ctx, all_grads ? dev(d_dinp, {M, IC}) : no, dev(d_dw, {OC, IC}), all_grads ? dev(d_db, {OC}) : no,
-                       dev(d_dout, {M, OC}), dev(d_inp, {M, IC}), dev(d_w, {OC, IC}));
+  ops::matmul_backward(ctx, all_grads ? dev(d_dinp, {M, IC}) : no, dev(d_dw, {OC, IC}),
+                       all_grads ? dev(d_db, {OC}) : no, dev(d_dout, {M, OC}), dev(d_inp, {M, IC}), dev(d_w, {OC, IC}));
   return {err("out", d_out.download(), out_ref, 1e-2), err("dinp", d_dinp.download(), dinp_ref, 1e-2),
           err("dweight", d_dw.download(), dw_ref, 1e-4), err("dbias", d_db.download(), db_ref, 1e-5)};
 }
@@ -235,8 +235,10 @@ Results elementwise_case(ops::Context& ctx, int64_t n, uint64_t seed) {
   ops::gelu_backward(ctx, dev(d_dgelu, {n}), dev(d_x, {n}), dev(d_y, {n}));
   ops::residual_forward(ctx, dev(d_res, {n}), dev(d_x, {n}), dev(d_y, {n}));
   ops::residual_forward(ctx, dev(d_alias, {n}), dev(d_alias, {n}), dev(d_y, {n}));  // in place, as the model does
-  return {err("gelu", d_gelu.download(), gelu_ref, 1e-2), err("gelu_backward", d_dgelu.download(), dgelu_ref, 1e-2),
-          err("residual", d_res.download(), res_ref, 1e-2), err("residual in place", d_alias.download(), res_ref, 1e-2)};
+  return {err("gelu", d_gelu.download(), gelu_ref, 1e-2),
+          err("gelu_backward", d_dgelu.download(), dgelu_ref, 1e-2),
+          err("residual", d_res.download(), res_ref, 1e-2),
+          err("residual in place", d_alias.download(), res_ref, 1e-2)};
 }
 
 // ---- rope: heads [head_begin, head_begin + n_heads) of a packed [R, Htot, d] buffer -----------
