@@ -145,13 +145,15 @@ void adamw_update(float* master, bf16* param_bf16, const bf16* grad, float* m, f
                   float lr, float beta1, float beta2, float eps, float weight_decay,
                   float grad_scale, int t, cudaStream_t stream);
 
-// ---- sum of squares, on the device, deterministic --------------------------------------------
+// ---- sum and sum of squares, on the device, deterministic ----------------------------------------
 // *out (device, fp64) = sum x[i]^2. Two passes: kSumSquaresBlocks fixed blocks each reduce a
 // strided slice in a fixed tree order into scratch (kSumSquaresBlocks doubles), then one block
 // adds those in a fixed order. The result depends only on x and n, not on the GPU.
 constexpr int kSumSquaresBlocks = 512;
 void sum_squares(double* out, const float* x, int64_t n, double* scratch, cudaStream_t stream);
 void sum_squares(double* out, const bf16* x, int64_t n, double* scratch, cudaStream_t stream);
+// *out (device, fp64) = sum x[i], the same two passes and fixed order as sum_squares.
+void sum(double* out, const float* x, int64_t n, double* scratch, cudaStream_t stream);
 
 // ---- casts ----------------------------------------------------------------------------------------
 void cast_f32_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream);  // round to nearest even
