@@ -78,20 +78,18 @@ struct CudaCall {
 };
 
 // ---- cuDNN attention (ctx.cudnn_attention = true) ---------------------------------------------
-// THE place where cuDNN SDPA is called: when kernels/cuda/attention_cudnn.h is merged, CudaState
-// gets a `CudnnAttention` member (made on first use) and these two bodies become
-//   c.state->cudnn_attention->forward(out, lse, qkv, B, N, Hq, Hkv, d, c.stream);
-//   c.state->cudnn_attention->backward(dqkv, dout, qkv, out, lse, B, N, Hq, Hkv, d, c.stream);
-void cudnn_attention_forward(const CudaCall& c, [[maybe_unused]] bf16* out, [[maybe_unused]] float* lse,
-                             [[maybe_unused]] const bf16* qkv, [[maybe_unused]] int B, [[maybe_unused]] int N,
-                             [[maybe_unused]] int Hq, [[maybe_unused]] int Hkv, [[maybe_unused]] int d) {
-  fail(c.op, "cuDNN attention is not wired in this build (runtime.attention = cudnn)");
+// cuDNN SDPA (kernels/cuda/attention_cudnn.h), one object per context, made on first use.
+cuda::CudnnAttention& cudnn_attention(const CudaCall& c) {
+  if (!c.state->cudnn_attention) c.state->cudnn_attention = std::make_unique<cuda::CudnnAttention>();
+  return *c.state->cudnn_attention;
 }
-void cudnn_attention_backward(const CudaCall& c, [[maybe_unused]] bf16* dqkv, [[maybe_unused]] const bf16* dout,
-                              [[maybe_unused]] const bf16* qkv, [[maybe_unused]] const bf16* out,
-                              [[maybe_unused]] const float* lse, [[maybe_unused]] int B, [[maybe_unused]] int N,
-                              [[maybe_unused]] int Hq, [[maybe_unused]] int Hkv, [[maybe_unused]] int d) {
-  fail(c.op, "cuDNN attention is not wired in this build (runtime.attention = cudnn)");
+void cudnn_attention_forward(const CudaCall& c, bf16* out, float* lse, const bf16* qkv, int B, int N, int Hq, int Hkv,
+                             int d) {
+  cudnn_attention(c).forward(out, lse, qkv, B, N, Hq, Hkv, d, c.stream);
+}
+void cudnn_attention_backward(const CudaCall& c, bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out,
+                              const float* lse, int B, int N, int Hq, int Hkv, int d) {
+  cudnn_attention(c).backward(dqkv, dout, qkv, out, lse, B, N, Hq, Hkv, d, c.stream);
 }
 
 // The flash kernels are instantiated for these head dimensions only.

@@ -35,6 +35,7 @@ void release(CudaState* s) {
   if (s->scratch_ptr) cudaFreeAsync(s->scratch_ptr, s->stream);
   if (s->stream) cudaStreamSynchronize(s->stream);
   s->matmul.reset();
+  s->cudnn_attention.reset();
   if (s->reduce_result) cudaFree(s->reduce_result);
   if (s->reduce_host) cudaFreeHost(s->reduce_host);
   if (s->stream) cudaStreamDestroy(s->stream);

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <memory>
 
+#include "kernels/cuda/attention_cudnn.h"
 #include "kernels/cuda/cuda_ops.h"
 
 namespace ulysses::ops {
@@ -35,8 +36,9 @@ struct CudaState {
   double* reduce_partials = nullptr;  // device, cuda::kSumSquaresBlocks doubles
   double* reduce_host = nullptr;      // pinned host, 1 double
 
-  // cuDNN attention (ctx.cudnn_attention): a `CudnnAttention` member from
-  // kernels/cuda/attention_cudnn.h goes here when it is wired in (see attention_* in ops.cpp).
+  // cuDNN SDPA (ctx.cudnn_attention = true): made on first use (it creates a cuDNN handle and
+  // builds plans per shape), on this state's device.
+  std::unique_ptr<cuda::CudnnAttention> cudnn_attention;
 };
 
 }  // namespace ulysses::ops
