@@ -89,6 +89,15 @@ int cuda_device_count() {
   return count;
 }
 
+std::string cuda_pci_bus_id(int device) {
+  char id[64] = {};
+  if (cudaDeviceGetPCIBusId(id, int(sizeof(id)), device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "";
+  }
+  return id;
+}
+
 int select_cuda_device(const MpiRuntime& mpi, bool allow_sharing) {
   int count = cuda_device_count();
   if (count == 0)
@@ -109,6 +118,8 @@ int select_cuda_device(const MpiRuntime& mpi, bool allow_sharing) {
 #else
 
 int cuda_device_count() { return 0; }
+
+std::string cuda_pci_bus_id(int /*device*/) { return ""; }
 
 int select_cuda_device(const MpiRuntime& mpi, bool /*allow_sharing*/) {
   throw_user_error("rank {} on host '{}': ulysses was built without CUDA (ULYSSES_CUDA=OFF); "

@@ -40,5 +40,8 @@ struct MpiRuntime {
 int select_cuda_device(const MpiRuntime& mpi, bool allow_sharing);
 // Number of visible CUDA devices; 0 without CUDA support or without a GPU (never throws).
 int cuda_device_count();
+// PCI bus id ("0000:3b:00.0") of visible CUDA device `device`: names the physical GPU whatever
+// CUDA_VISIBLE_DEVICES maps to it; "" without CUDA or on failure (never throws).
+std::string cuda_pci_bus_id(int device);
 
 }  // namespace ulysses

@@ -6,7 +6,10 @@
 //                        data[0] = {0,4}, data[1] = {1,5}, data[2] = {2,6}, data[3] = {3,7}.
 #include "comm/groups.h"
 
+#include <cstdio>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "comm/comm_util.h"
 #include "core/error.h"
@@ -46,7 +49,22 @@ std::unique_ptr<Communicator> make_communicator(MPI_Comm comm, std::string name,
 
 DeviceSurvey survey_cuda_devices(const MpiRuntime& mpi) {
   const int mine = cuda_device_count();
-  const int crowded = mine > 0 && mpi.local_size > mine ? 1 : 0;
+  // The GPU this rank would take (local_rank % count, as select_cuda_device does), by PCI bus id,
+  // compared with the other ranks of the host: the same id twice is a shared GPU. Bus ids, not
+  // counts, so that one visible device per rank (srun --gpus-per-task=1) is not taken for sharing.
+  char bus_id[64] = {};
+  if (mine > 0) std::snprintf(bus_id, sizeof(bus_id), "%s", cuda_pci_bus_id(mpi.local_rank % mine).c_str());
+  MPI_Comm node = MPI_COMM_NULL;
+  ULYSSES_MPI_CHECK(MPI_Comm_split_type(mpi.comm, MPI_COMM_TYPE_SHARED, mpi.world_rank, MPI_INFO_NULL, &node));
+  int node_size = 1;
+  ULYSSES_MPI_CHECK(MPI_Comm_size(node, &node_size));
+  std::vector<char> ids(size_t(node_size) * sizeof(bus_id));
+  ULYSSES_MPI_CHECK(MPI_Allgather(bus_id, int(sizeof(bus_id)), MPI_CHAR, ids.data(), int(sizeof(bus_id)), MPI_CHAR, node));
+  ULYSSES_MPI_CHECK(MPI_Comm_free(&node));
+  int same = 0;  // ranks of this host on this rank's GPU, itself included
+  for (int r = 0; r < node_size; ++r)
+    if (bus_id[0] != '\0' && std::strncmp(&ids[size_t(r) * sizeof(bus_id)], bus_id, sizeof(bus_id)) == 0) ++same;
+  const int crowded = same > 1 ? 1 : 0;
   DeviceSurvey s;
   int shared = 0;
   ULYSSES_MPI_CHECK(MPI_Allreduce(&mine, &s.min_devices, 1, MPI_INT, MPI_MIN, mpi.comm));
@@ -95,8 +113,8 @@ DevicePlan setup_devices(const std::string& runtime_device, const std::string& p
   } catch (const UserError& e) {
     throw AllRanksUserError(e.what());  // every rank decided alike from the agreed survey
   }
-  if (plan.device == Device::cuda)
-    plan.cuda_device = select_cuda_device(mpi, /*allow_sharing=*/plan.backend == CommBackend::mpi);
+  // sharing was decided above from the survey (NCCL only on GPUs of their own)
+  if (plan.device == Device::cuda) plan.cuda_device = select_cuda_device(mpi, /*allow_sharing=*/true);
   return plan;
 }
 

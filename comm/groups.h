@@ -22,9 +22,10 @@ constexpr bool kCudaBuild = false;
 // What the ranks can see, agreed over the job (every rank gets the same answer).
 struct DeviceSurvey {
   int min_devices = 0;   // fewest CUDA devices visible to any rank (0 without CUDA or a GPU)
-  bool shared = false;   // some host runs more ranks than it has visible devices
+  bool shared = false;   // on some host two ranks would take the same GPU (same PCI bus id)
 };
-// Collective over mpi.comm: every rank counts its devices, then MPI_MIN / MPI_MAX.
+// Collective over mpi.comm: every rank counts its devices and names (PCI bus id) the one it
+// would take, local_rank % count; the host's ranks compare names; then MPI_MIN / MPI_MAX.
 DeviceSurvey survey_cuda_devices(const MpiRuntime& mpi);
 
 // runtime.device (auto | cpu | cuda) -> the device. auto: cuda when the build has CUDA and every
