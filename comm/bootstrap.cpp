@@ -9,8 +9,41 @@
 
 #include "comm/comm_util.h"
 #include "core/error.h"
+#ifdef ULYSSES_CUDA
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
+
+namespace {
+
+// Rank, size, node-local rank and size, host name of `mpi` within mpi.comm.
+void read_layout(MpiRuntime& mpi) {
+  ULYSSES_MPI_CHECK(MPI_Comm_rank(mpi.comm, &mpi.world_rank));
+  ULYSSES_MPI_CHECK(MPI_Comm_size(mpi.comm, &mpi.world_size));
+
+  // The ranks that share memory with this one are the ranks on this node.
+  MPI_Comm node = MPI_COMM_NULL;
+  ULYSSES_MPI_CHECK(
+      MPI_Comm_split_type(mpi.comm, MPI_COMM_TYPE_SHARED, mpi.world_rank, MPI_INFO_NULL, &node));
+  ULYSSES_MPI_CHECK(MPI_Comm_rank(node, &mpi.local_rank));
+  ULYSSES_MPI_CHECK(MPI_Comm_size(node, &mpi.local_size));
+  ULYSSES_MPI_CHECK(MPI_Comm_free(&node));
+
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int len = 0;
+  ULYSSES_MPI_CHECK(MPI_Get_processor_name(name, &len));
+  mpi.hostname.assign(name, size_t(len));
+}
+
+}  // namespace
+
+MpiRuntime::MpiRuntime(MPI_Comm c) : comm(c) {
+  int initialized = 0;
+  ULYSSES_MPI_CHECK(MPI_Initialized(&initialized));
+  if (!initialized) throw std::runtime_error("MpiRuntime(MPI_Comm): MPI is not initialised");
+  read_layout(*this);
+}
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;
@@ -26,21 +59,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
           int(MPI_THREAD_FUNNELED)));
     }
   }
-  ULYSSES_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
-  ULYSSES_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &world_size));
-
-  // The ranks that share memory with this one are the ranks on this node.
-  MPI_Comm node = MPI_COMM_NULL;
-  ULYSSES_MPI_CHECK(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &node));
-  ULYSSES_MPI_CHECK(MPI_Comm_rank(node, &local_rank));
-  ULYSSES_MPI_CHECK(MPI_Comm_size(node, &local_size));
-  ULYSSES_MPI_CHECK(MPI_Comm_free(&node));
-
-  char name[MPI_MAX_PROCESSOR_NAME] = {};
-  int len = 0;
-  ULYSSES_MPI_CHECK(MPI_Get_processor_name(name, &len));
-  hostname.assign(name, size_t(len));
+  read_layout(*this);
 }
 
 MpiRuntime::~MpiRuntime() {
@@ -70,6 +89,15 @@ int cuda_device_count() {
   return count;
 }
 
+std::string cuda_pci_bus_id(int device) {
+  char id[64] = {};
+  if (cudaDeviceGetPCIBusId(id, int(sizeof(id)), device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "";
+  }
+  return id;
+}
+
 int select_cuda_device(const MpiRuntime& mpi, bool allow_sharing) {
   int count = cuda_device_count();
   if (count == 0)
@@ -83,12 +111,15 @@ int select_cuda_device(const MpiRuntime& mpi, bool allow_sharing) {
                      mpi.hostname, mpi.local_size, count, count);
   int device = mpi.local_rank % count;
   ULYSSES_COMM_CUDA_CHECK(cudaSetDevice(device));
+  cuda::set_cuda_check_rank(mpi.world_rank);
   return device;
 }
 
 #else
 
 int cuda_device_count() { return 0; }
+
+std::string cuda_pci_bus_id(int /*device*/) { return ""; }
 
 int select_cuda_device(const MpiRuntime& mpi, bool /*allow_sharing*/) {
   throw_user_error("rank {} on host '{}': ulysses was built without CUDA (ULYSSES_CUDA=OFF); "

@@ -229,30 +229,6 @@ std::vector<NamedCase> check_cases(const std::vector<int>& expected_members) {
   return cases;
 }
 
-// auto: NCCL when the build has CUDA, the device is not forced to cpu and every rank sees a GPU;
-// MPI otherwise. Decided together (MPI_MIN of the GPU count) so that all ranks agree.
-CommBackend resolve_backend(const Config& cfg, int min_gpus_over_ranks) {
-  const std::string& b = cfg.parallel.backend;
-  const std::string& device = cfg.runtime.device;
-  if (b == "mpi") return CommBackend::mpi;
-  if (b == "nccl") {
-    if (device == "cpu")
-      throw_user_error("parallel.backend = nccl needs runtime.device = cuda or auto, got cpu");
-    if (min_gpus_over_ranks == 0)
-#ifdef ULYSSES_CUDA
-      throw_user_error("parallel.backend = nccl but some rank sees no CUDA device; use "
-                       "parallel.backend = mpi or auto");
-#else
-      throw_user_error("parallel.backend = nccl but ulysses was built without CUDA; use "
-                       "parallel.backend = mpi or auto");
-#endif
-    return CommBackend::nccl;
-  }
-  if (b != "auto")
-    throw_user_error("parallel.backend: expected auto, mpi or nccl, got '{}'", b);
-  return (device != "cpu" && min_gpus_over_ranks > 0) ? CommBackend::nccl : CommBackend::mpi;
-}
-
 std::string human_bytes(uint64_t bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   double v = double(bytes);
@@ -293,11 +269,11 @@ struct RankInfo {
 
 int run_comm_check(const Config& cfg, MpiRuntime& mpi) {
   const bool leader = mpi.world_rank == 0;
-  int gpus = cuda_device_count(), min_gpus = 0;
-  ULYSSES_MPI_CHECK(MPI_Allreduce(&gpus, &min_gpus, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-  const CommBackend backend = resolve_backend(cfg, min_gpus);
-  const int device = backend == CommBackend::nccl ? select_cuda_device(mpi, false) : -1;
-  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, backend);
+  // the device and backend as `ulysses train` would choose them (comm/groups.h)
+  const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
+  const CommBackend backend = plan.backend;
+  const int device = plan.cuda_device;
+  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, backend, plan.device, mpi.comm);
   const int P = groups.sp_size, DP = groups.dp_size;
 
   // Who is where: one RankInfo per rank, gathered on rank 0.
@@ -313,8 +289,10 @@ int run_comm_check(const Config& cfg, MpiRuntime& mpi) {
     for (const RankInfo& ri : all) hosts.insert(ri.host);
     std::string host_list;
     for (const std::string& h : hosts) host_list += (host_list.empty() ? "" : ", ") + h;
-    spdlog::info("check: {} rank(s) on {} host(s) [{}], backend {}", mpi.world_size, hosts.size(),
-                 host_list, comm_backend_name(backend));
+    spdlog::info("check: {} rank(s) on {} host(s) [{}], device {}, backend {}{}", mpi.world_size, hosts.size(),
+                 host_list, device_name(plan.device), comm_backend_name(backend),
+                 backend == CommBackend::mpi && plan.device == Device::cuda ? " (staged through pinned host memory)"
+                                                                            : "");
     spdlog::info("  {:>5}  {:<20} {:>7}  {:>6}  {:>7}  {:>7}", "rank", "host", "local", "device",
                  "sp_rank", "dp_rank");
     const size_t shown = std::min<size_t>(all.size(), 64);
@@ -351,7 +329,8 @@ int run_comm_check(const Config& cfg, MpiRuntime& mpi) {
   const size_t n_cases = check_cases({}).size();
   std::vector<int> ok(under_test.size() * n_cases, 0);
   std::vector<unsigned long long> bytes(ok.size(), 0);
-  CheckMemory memory(backend == CommBackend::nccl);
+  // device memory for NCCL and for MPI on cuda (staged through host memory)
+  CheckMemory memory(backend == CommBackend::nccl || plan.device == Device::cuda);
   for (size_t g = 0; g < under_test.size(); g++) {
     Communicator& c = *under_test[g].comm;
     std::vector<NamedCase> cases = check_cases(under_test[g].members);

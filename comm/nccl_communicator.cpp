@@ -4,6 +4,7 @@
 // f32, f64, i32 and bf16 (ncclBfloat16). Byte counters follow comm/comm_util.h, as on MPI.
 #include "comm/nccl_communicator.h"
 
+#include <exception>
 #include <thread>
 
 #include "comm/comm_util.h"
@@ -61,13 +62,17 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name)
 
 NcclCommunicator::~NcclCommunicator() {
   // A destructor cannot throw: errors here are ignored (the job is ending or already failed).
-  if (barrier_word_) (void)cudaFree(barrier_word_);
+  // ncclCommFinalize waits until the group is globally quiescent: right on a normal end, where
+  // every rank destroys its groups in the same order, but a hang while an exception unwinds this
+  // rank alone (its peers may wait in a collective it will never join). Abort then, which also
+  // ends this rank's NCCL kernels. The communicator goes first: cudaFree waits for the device.
   if (comm_) {
-    if (ncclCommFinalize(comm_) == ncclSuccess)
+    if (std::uncaught_exceptions() == 0 && ncclCommFinalize(comm_) == ncclSuccess)
       (void)ncclCommDestroy(comm_);
     else
       (void)ncclCommAbort(comm_);
   }
+  if (barrier_word_) (void)cudaFree(barrier_word_);
 }
 
 void NcclCommunicator::fail(const char* collective, const std::string& what) const {

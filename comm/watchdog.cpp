@@ -42,10 +42,33 @@ Watchdog::~Watchdog() {
   thread_.join();
 }
 
-void Watchdog::enter(const char* collective, const char* group) {
-  collective_.store(collective, std::memory_order_relaxed);
-  group_.store(group, std::memory_order_relaxed);
-  entered_ns_.store(now_ns(), std::memory_order_release);  // publishes the two stores above
+void Watchdog::Slot::enter(const char* w, const char* g) {
+  what.store(w, std::memory_order_relaxed);
+  group.store(g, std::memory_order_relaxed);
+  entered_ns.store(now_ns(), std::memory_order_release);  // publishes the two stores above
+}
+
+bool Watchdog::check(Slot& slot, int64_t timeout_ns, std::unique_lock<std::mutex>& lock) {
+  const int64_t entered = slot.entered_ns.load(std::memory_order_acquire);
+  if (entered == 0) return false;
+  const int64_t waited = now_ns() - entered;
+  if (waited < timeout_ns) return false;
+  const char* what = slot.what.load(std::memory_order_relaxed);
+  const char* group = slot.group.load(std::memory_order_relaxed);
+  const int64_t step = step_.load(std::memory_order_relaxed);
+  // The main thread may have left (and entered another one) meanwhile: look again.
+  if (slot.entered_ns.load(std::memory_order_acquire) != entered) return false;
+  fired_ = true;
+  const std::string message = fmt::format(
+      "watchdog: rank {}: {} on group '{}' at step {} has not finished after {:.1f} s (runtime.comm_timeout = "
+      "{} s): a peer rank has died, hung or taken another code path; aborting the job (exit code {})",
+      rank_, what, group, step, double(waited) / 1e9, timeout_s_, kExitCommTimeout);
+  std::fprintf(stderr, "error: %s\n", message.c_str());
+  std::fflush(stderr);
+  lock.unlock();
+  abort_(message);
+  lock.lock();
+  return true;
 }
 
 void Watchdog::run() {
@@ -55,25 +78,8 @@ void Watchdog::run() {
   while (!stop_) {
     wake_.wait_for(lock, poll, [this] { return stop_; });
     if (stop_ || fired_) break;
-    const int64_t entered = entered_ns_.load(std::memory_order_acquire);
-    if (entered == 0) continue;
-    const int64_t waited = now_ns() - entered;
-    if (waited < timeout_ns) continue;
-    const char* collective = collective_.load(std::memory_order_relaxed);
-    const char* group = group_.load(std::memory_order_relaxed);
-    const int64_t step = step_.load(std::memory_order_relaxed);
-    // The main thread may have left (and entered another collective) meanwhile: look again.
-    if (entered_ns_.load(std::memory_order_acquire) != entered) continue;
-    fired_ = true;
-    const std::string message = fmt::format(
-        "watchdog: rank {}: {} on group '{}' at step {} has not finished after {:.1f} s (runtime.comm_timeout = "
-        "{} s): a peer rank has died, hung or taken another code path; aborting the job (exit code {})",
-        rank_, collective, group, step, double(waited) / 1e9, timeout_s_, kExitCommTimeout);
-    std::fprintf(stderr, "error: %s\n", message.c_str());
-    std::fflush(stderr);
-    lock.unlock();
-    abort_(message);
-    lock.lock();
+    // the collective first: when both are late it names the more precise culprit
+    if (!check(collective_, timeout_ns, lock)) check(region_, timeout_ns, lock);
   }
 }
 
@@ -131,7 +137,7 @@ void WatchedCommunicator::synchronize() {
 }
 
 void watch_process_groups(ProcessGroups& groups, Watchdog& watchdog) {
-  for (std::unique_ptr<Communicator>* c : {&groups.world, &groups.sequence, &groups.data})
+  for (std::unique_ptr<Communicator>* c : {&groups.world, &groups.sequence, &groups.data, &groups.host})
     if (*c) *c = std::make_unique<WatchedCommunicator>(std::move(*c), watchdog);
 }
 

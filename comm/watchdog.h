@@ -9,6 +9,12 @@
 //   watchdog: rank R: <collective> on group '<G>' at step S has not finished after T s ...
 // to stderr and calls the abort function (default: MPI_Abort(MPI_COMM_WORLD, kExitCommTimeout)),
 // so mpirun / srun end every rank and exit non-zero instead of hanging forever.
+//
+// Regions: NCCL enqueues a collective and returns at once, so a dead peer shows up later, as a
+// host wait on the device (the loss read, the gradient norm, the step's synchronize) that never
+// ends. The trainer marks such spans of device work as regions (enter_region / leave_region, or
+// WatchedRegion); a region is timed like a collective, independently of the collectives called
+// inside it, and the message names it.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -23,6 +29,7 @@
 #include "comm/groups.h"
 
 namespace ulysses {
+
 
 // Exit code of a job ended by the watchdog (0 ok, 1 internal error, 2 bad input: apps/main.cpp).
 constexpr int kExitCommTimeout = 3;
@@ -41,8 +48,11 @@ class Watchdog {
   // Hot path (the rank's main thread). `collective` and `group` must outlive the call (string
   // literals and the communicator's name).
   void set_step(int64_t step) { step_.store(step, std::memory_order_relaxed); }
-  void enter(const char* collective, const char* group);
-  void leave() { entered_ns_.store(0, std::memory_order_release); }
+  void enter(const char* collective, const char* group) { collective_.enter(collective, group); }
+  void leave() { collective_.leave(); }
+  // A span of device work that waits on collectives (see above); not nested.
+  void enter_region(const char* what, const char* group) { region_.enter(what, group); }
+  void leave_region() { region_.leave(); }
 
   bool fired() const { return fired_.load(); }
   double timeout_s() const { return timeout_s_; }
@@ -50,12 +60,21 @@ class Watchdog {
  private:
   void run();
 
+  // What the main thread is in: written by it, read by the watchdog thread.
+  struct Slot {
+    std::atomic<int64_t> entered_ns{0};  // steady_clock ns when it began; 0: none
+    std::atomic<const char*> what{nullptr};
+    std::atomic<const char*> group{nullptr};
+    void enter(const char* w, const char* g);
+    void leave() { entered_ns.store(0, std::memory_order_release); }
+  };
+  // true when `slot` has been in progress for longer than the timeout (then fires)
+  bool check(Slot& slot, int64_t timeout_ns, std::unique_lock<std::mutex>& lock);
+
   const int rank_;
   const double timeout_s_;
   AbortFn abort_;
-  std::atomic<int64_t> entered_ns_{0};  // steady_clock ns when the current collective began; 0: none
-  std::atomic<const char*> collective_{nullptr};
-  std::atomic<const char*> group_{nullptr};
+  Slot collective_, region_;
   std::atomic<int64_t> step_{0};
   std::atomic<bool> fired_{false};
   std::mutex mutex_;  // only for the stop handshake with the thread, never on the hot path
@@ -93,7 +112,25 @@ class WatchedCommunicator final : public Communicator {
   Watchdog& watchdog_;
 };
 
-// Replaces the world, sequence and data communicators of `groups` by watched ones.
+// Replaces the world, sequence, data (and host) communicators of `groups` by watched ones.
 void watch_process_groups(ProcessGroups& groups, Watchdog& watchdog);
+
+// enter_region on construction, leave_region on destruction (also when an exception leaves);
+// does nothing when `enabled` is false (e.g. on MPI, whose collectives block and are watched).
+class WatchedRegion {
+ public:
+  WatchedRegion(Watchdog& watchdog, bool enabled, const char* what, const char* group)
+      : watchdog_(enabled ? &watchdog : nullptr) {
+    if (watchdog_) watchdog_->enter_region(what, group);
+  }
+  ~WatchedRegion() {
+    if (watchdog_) watchdog_->leave_region();
+  }
+  WatchedRegion(const WatchedRegion&) = delete;
+  WatchedRegion& operator=(const WatchedRegion&) = delete;
+
+ private:
+  Watchdog* watchdog_;
+};
 
 }  // namespace ulysses

@@ -1,6 +1,7 @@
 // `ulysses bench` (see core/bench.h). Forward time is measured by a forward-only pass (forward
 // + LM head + loss); backward = (forward + backward) - forward, since the training step fuses
-// the LM head's backward into its forward chunks.
+// the LM head's backward into its forward chunks. On cuda each phase ends with
+// ops::synchronize(ctx) before the clock is read (NCCL and the kernels return once enqueued).
 #include "core/bench.h"
 
 #include <omp.h>
@@ -22,6 +23,11 @@
 #include "core/gpt.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
+#ifdef ULYSSES_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
 
@@ -33,19 +39,42 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
+
+// The name of the CUDA device this rank uses ("" on cpu).
+std::string gpu_name(const DevicePlan& plan) {
+#ifdef ULYSSES_CUDA
+  if (plan.device == Device::cuda) {
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, plan.cuda_device));
+    return prop.name;
+  }
+#endif
+  (void)plan;
+  return "";
+}
 }  // namespace
+
+double peak_bf16_tflops(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("NVL")) return 0;  // H100 NVL / H200 NVL: other clocks and power, not in the table
+  if (has("H100")) return has("PCIe") ? 756.5 : 989.4;
+  if (has("H200")) return 989.4;
+  if (has("A100")) return 312.0;
+  return 0;
+}
 
 int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   validate_for_world(cfg, mpi.world_size);
-  if (cfg.runtime.device == "cuda")
-    throw_user_error("runtime.device: cuda: the model's CUDA path is not wired into the trainer yet; bench the CPU");
+  const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
+  const Device device = plan.device;
   if (cfg.runtime.threads > 0) {
     omp_set_num_threads(cfg.runtime.threads);
   } else {
     const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
     omp_set_num_threads(std::max(1, cores / std::max(1, mpi.local_size)));
   }
-  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
+  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, plan.backend, device, mpi.comm);
+  Communicator& host = groups.host_world();
   // parallel.emulate_sequence = P: this rank does rank 0's work of a P-rank group, the all-to-alls
   // as local copies of the same size (core/emulate.h)
   const bool emulated = cfg.parallel.emulate_sequence > 1;
@@ -53,12 +82,15 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   const int sp_rank = emulated ? 0 : groups.sp_rank;
   const int B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
   std::unique_ptr<Communicator> emulated_seq;
-  if (emulated) emulated_seq = std::make_unique<EmulatedSequenceCommunicator>(P, 0);
+  if (emulated) emulated_seq = std::make_unique<EmulatedSequenceCommunicator>(P, 0, device);
   Communicator* seq = emulated ? emulated_seq.get() : groups.sequence.get();
   const Recompute recompute = parse_recompute(cfg.runtime.recompute);
-  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens, recompute}, Device::cpu, seq);
+  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens, recompute}, device, seq);
+  ops::Context& ctx = model.context();
+  groups.set_stream(ctx.stream());
   model.init_weights(cfg.train.seed);
-  AdamW opt(cfg.train, model.shape(), Device::cpu);
+  model.refresh_compute_params();
+  AdamW opt(cfg.train, model.shape(), device);
   const int64_t n_params = num_parameters(model.shape());
 
   // synthetic tokens, the same sequence on every rank of an SP group
@@ -73,27 +105,37 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
 
   std::vector<double> fwd, fwdbwd, allreduce, optim, total;
   uint64_t a2a_bytes = 0, step_flops = 0;
+  // every rank's device idle, then all ranks together (host barrier)
+  auto line_up = [&] {
+    ops::synchronize(ctx);
+    host.barrier();
+  };
   for (int it = 0; it < opts.warmup + opts.repeat; ++it) {
-    groups.world->barrier();
+    line_up();
     int64_t count = 0;
     auto t0 = Clock::now();
     model.forward_loss(tok.data(), tgt.data(), pos.data(), &count);
+    ops::synchronize(ctx);
     const double f = ms_since(t0);
-    groups.world->barrier();
+    line_up();
     if (seq) seq->counters().reset();
     model.op_counts() = OpCounts{};
     const auto step0 = Clock::now();
     model.zero_grad();
     model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
+    ops::synchronize(ctx);
     const double fb = ms_since(step0);
     if (seq) a2a_bytes = seq->counters().bytes_sent[size_t(Collective::all_to_all)];
     step_flops = model.op_counts().flops();
     t0 = Clock::now();
     groups.world->all_reduce(model.grads_flat().data, model.grads_flat().data, size_t(n_params), DType::f32,
                              ReduceOp::sum);
+    ops::synchronize(ctx);
     const double ar = ms_since(t0);
     t0 = Clock::now();
-    opt.update(model.context(), model.params_flat(), model.grads_flat(), 1e-4f, 1.f / float(B * N), it + 1);
+    opt.update(ctx, model.params_flat(), model.grads_flat(), 1e-4f, 1.f / float(B * N), it + 1,
+               model.compute_params_padded().rows(0, n_params));
+    ops::synchronize(ctx);
     const double op = ms_since(t0);
     const double tot = ms_since(step0);
     if (it >= opts.warmup) {
@@ -106,7 +148,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   }
   // the slowest rank sets the pace
   double med[5] = {median(fwd), median(fwdbwd), median(allreduce), median(optim), median(total)};
-  groups.world->all_reduce(med, med, 5, DType::f64, ReduceOp::max);
+  host.all_reduce(med, med, 5, DType::f64, ReduceOp::max);
   const double step_s = med[4] / 1000.0;
   // tokens of the whole job per step (emulated: of the P-rank group this rank stands for) and
   // FLOPs of one rank per second
@@ -138,6 +180,15 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
                med[0], med[1] - med[0], med[2], med[3]);
   spdlog::info("  step    {:9.2f} ms | {:.0f} tokens/s | {:.4f} TFLOP/s per rank | peak RSS {:.2f} GiB", med[4],
                tokens / step_s, tflops, peak_rss_gib());
+  // MFU against the GPU's dense bf16 peak (core/bench.h); one GPU per rank assumed (ranks that
+  // share a GPU each report their own share)
+  const std::string gpu = gpu_name(plan);
+  const double peak = peak_bf16_tflops(gpu);
+  const double mfu = peak > 0 ? tflops / peak : 0;
+  if (device == Device::cuda)
+    spdlog::info("  device  {} (cuda:{}), backend {} | MFU {} (peak bf16 dense {})", gpu, plan.cuda_device,
+                 comm_backend_name(plan.backend), peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a",
+                 peak > 0 ? fmt::format("{:.1f} TFLOP/s", peak) : "unknown for this GPU");
   spdlog::info("  activations {:.3f} GiB; model FLOPs counted per step on this rank {:.4e} (formula {:.4e})",
                double(model.activation_bytes()) / (1ull << 30), double(step_flops),
                double(flops_per_token(model.shape(), N, true)) * B * T);
@@ -151,12 +202,13 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     if (fresh)
       std::fprintf(f, "layers,width,heads,B,N,P,DP,forward_ms,backward_ms,allreduce_ms,optimizer_ms,step_ms,"
                       "tokens_per_second,tflops_per_rank,all_to_all_bytes,vocab,emulated,recompute,tile_tokens,"
-                      "flops_per_rank_step,activation_bytes,peak_rss_gib,threads\n");
-    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu,%d,%d,%s,%d,%llu,%zu,%.4f,%d\n",
+                      "flops_per_rank_step,activation_bytes,peak_rss_gib,threads,device,gpu,peak_tflops,mfu\n");
+    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu,%d,%d,%s,%d,%llu,%zu,%.4f,%d,%s,%s,%.1f,%.4f\n",
                  cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, B, N, P, groups.dp_size, med[0], med[1] - med[0],
                  med[2], med[3], med[4], tokens / step_s, tflops, (unsigned long long)a2a_bytes, cfg.model.vocab_size,
                  emulated ? 1 : 0, cfg.runtime.recompute.c_str(), cfg.runtime.tile_tokens,
-                 (unsigned long long)step_flops, model.activation_bytes(), peak_rss_gib(), omp_get_max_threads());
+                 (unsigned long long)step_flops, model.activation_bytes(), peak_rss_gib(), omp_get_max_threads(),
+                 device_name(device), gpu.c_str(), peak, mfu);
     std::fclose(f);
   }
   return 0;

@@ -265,6 +265,7 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
       grad_arena_("gradients", device),
       act_arena_("activations", device) {
   ctx_ = ops::Context(device);
+  if (seq_) seq_->set_stream(ctx_.stream());
   const GPTShape& s = shape_;
   const int B = run.B, N = run.N, P = run.P, T = run.T(), C = s.C, d = s.d;
   ULYSSES_ASSERT(N % P == 0, "N = {} not divisible by P = {}", N, P);
@@ -362,6 +363,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
 }
 
 GPT::~GPT() = default;
+
+Tensor GPT::compute_params_padded() const { return params_padded_; }
+
+void GPT::refresh_compute_params() {}
 
 size_t GPT::activation_bytes() const { return act_arena_.bytes(); }
 

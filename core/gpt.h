@@ -199,7 +199,9 @@ class GPT {
   // The tensors this model stores (with sharded layers: the per-layer ones have no data).
   ParameterTensors& params() { return params_; }
   ParameterTensors& grads() { return grads_; }
-  // All parameters in llm.c order; with sharded layers only wte, wpe, lnfw, lnfb (GPTRunShape).
+  // The fp32 MASTER weights, all parameters in llm.c order, on the model's device (host on cpu),
+  // and the fp32 gradients, on the device. With sharded layers (ZeRO 2/3, GPTRunShape) only
+  // wte, wpe, lnfw, lnfb are stored here.
   Tensor params_flat() const { return params_flat_; }
   Tensor grads_flat() const { return grads_flat_; }
   // Layer l's parameters / gradients: slices of the stacked tensors, or the hooks' views.
@@ -210,6 +212,14 @@ class GPT {
   // The same buffers with their zero padding to run.flat_multiple (ZeRO shards them evenly).
   Tensor params_padded() const { return params_padded_; }
   Tensor grads_padded() const { return grads_padded_; }
+  // The copy of the weights the kernels compute with, same padded length: bf16 on cuda; on cpu
+  // the master weights themselves (the same tensor as params_padded()).
+  Tensor compute_params_padded() const;
+  // compute copy = cast(master weights), after anything wrote the master weights other than
+  // ops::adamw_update with param_lowp (a load, a broadcast, ZeRO's all-gather). No-op on cpu.
+  void refresh_compute_params();
+  // The ops context whose stream runs this model's kernels; the constructor also sets it as the
+  // stream of the sequence communicator (seq->set_stream(ctx.stream())).
   ops::Context& context() { return ctx_; }
   size_t activation_bytes() const;
   UlyssesAllToAll* ulysses() { return ulysses_.get(); }  // null when P == 1

@@ -27,7 +27,9 @@ AdamW::AdamW(const TrainConfig& cfg, const GPTShape& shape, Device device)
   v_ = arena_.tensor(v_off, {n}, DType::f32);
 }
 
-void AdamW::update(ops::Context& ctx, Tensor params, Tensor grads, float lr, float grad_scale, int t) {
+void AdamW::update(ops::Context& ctx, Tensor params, Tensor grads, float lr, float grad_scale, int t,
+                   Tensor compute) {
+  const bool lowp = !compute.empty() && compute.data != params.data;
   // tensor by tensor, so biases and LayerNorm parameters skip the weight decay
   int64_t off = 0;
   for (const ParameterSpec& s : specs_) {
@@ -35,7 +37,8 @@ void AdamW::update(ops::Context& ctx, Tensor params, Tensor grads, float lr, flo
     if (n > 0) {
       const float wd = s.weight_decay ? float(cfg_.weight_decay) : 0.f;
       ops::adamw_update(ctx, params.rows(off, n), grads.rows(off, n), m_.rows(off, n), v_.rows(off, n), lr,
-                        float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), wd, grad_scale, t);
+                        float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), wd, grad_scale, t,
+                        lowp ? compute.rows(off, n) : Tensor());
     }
     off += n;
   }

@@ -19,8 +19,11 @@ class AdamW {
 
   // One update. grads hold the SUM over the global batch of the per-token loss gradients;
   // grad_scale (1 / token count, times the clip factor) turns them into the clipped mean.
-  // t: the optimizer step, from 1.
-  void update(ops::Context& ctx, Tensor params, Tensor grads, float lr, float grad_scale, int t);
+  // t: the optimizer step, from 1. compute (optional): the model's compute copy of `params`
+  // (bf16 on cuda, GPT::compute_params_padded), written in the same pass; ignored when it is
+  // `params` itself (cpu).
+  void update(ops::Context& ctx, Tensor params, Tensor grads, float lr, float grad_scale, int t,
+              Tensor compute = Tensor());
 
   Tensor m() const { return m_; }
   Tensor v() const { return v_; }

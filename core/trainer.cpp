@@ -4,6 +4,14 @@
 //   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world (ZeRO
 //   2, 3: each layer's gradient is reduce-scattered into shards during backward, core/zero3.h)
 //   grad_norm = |g| / tokens; clip; AdamW with grad_scale = clip / tokens
+//
+// On cuda (docs/gpu.md): parameters (fp32 master + bf16 compute copy), gradients, AdamW state and
+// activations live on the GPU; the collectives on them go through NCCL or MPI staged through
+// pinned host memory (comm/groups.h picks); small host values (loss sums, the stop vote, errors,
+// checkpoint staging) go through an MPI communicator on host memory (ProcessGroups::host_world).
+// The host waits for the device only where it must: the loss read (inside the model), the
+// gradient norm (ops::sum_squares) and once at the end of the step for the step time.
+// Checkpoints, llm.c import / export stage the parameters and optimizer state through host memory.
 #include "core/trainer.h"
 
 #include <omp.h>
@@ -45,13 +53,8 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-Device resolve_device(const RuntimeConfig& r) {
-  if (r.device == "cuda")
-    throw_user_error(
-        "runtime.device: cuda: the CUDA kernels are built, but the model's CUDA path is not wired into the "
-        "trainer yet; use runtime.device: cpu (or auto)");
-  return Device::cpu;
-}
+// A host buffer as a tensor, for ops::copy between the host and the model's device.
+Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>(p), {n}, DType::f32, Device::cpu); }
 
 int threads_per_rank(const RuntimeConfig& r, const MpiRuntime& mpi) {
   if (r.threads > 0) return r.threads;
@@ -101,10 +104,12 @@ double evaluate(GPT& model, DataLoader& val, int steps, Communicator& world, std
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
-// Generates `n` tokens with a P = 1 copy of the model that shares the trained parameters.
-std::string sample(const Config& cfg, GPT& trained, Tokenizer& tok) {
+// Generates `n` tokens with a P = 1 copy of the model on the same device that shares the trained
+// parameters (on cuda its own stream: the trained model's is synchronised first).
+std::string sample(const Config& cfg, GPT& trained, Device device, Tokenizer& tok) {
   const int window = cfg.model.rope() ? cfg.train.seq_len : std::min(cfg.train.seq_len, cfg.model.max_seq_len);
-  GPT sampler(cfg.model, {1, window, 1, 0}, Device::cpu, nullptr, &trained);
+  ops::synchronize(trained.context());
+  GPT sampler(cfg.model, {1, window, 1, 0}, device, nullptr, &trained);
   const int V = cfg.model.vocab_size, Vp = cfg.model.padded_vocab_size();
   std::vector<int32_t> context = {tok.eot_token() >= 0 ? tok.eot_token() : int32_t('\n')};
   const size_t W = static_cast<size_t>(window);
@@ -158,7 +163,9 @@ void check_resume_layout(const std::string& path, const TrainState& saved, int w
 
 int run_train(const Config& cfg, MpiRuntime& mpi) {
   validate_for_world(cfg, mpi.world_size);
-  const Device device = resolve_device(cfg.runtime);
+  // cpu or cuda, MPI or NCCL, agreed by every rank; the GPU picked by local rank (comm/groups.h)
+  const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
+  const Device device = plan.device;
   omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
 
   if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
@@ -169,9 +176,12 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   // job when one takes longer than runtime.comm_timeout. Declared first: they outlive the groups.
   StopSignals stop_signals;
   Watchdog watchdog(mpi.world_rank, cfg.runtime.comm_timeout);
-  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, CommBackend::mpi);
+  ProcessGroups groups = make_process_groups(cfg.parallel.sequence, plan.backend, device, mpi.comm);
   watch_process_groups(groups, watchdog);
-  Communicator& world = *groups.world;
+  Communicator& world = *groups.world;      // the model's memory: gradients, ZeRO all-gathers
+  Communicator& host = groups.host_world();  // host memory: sums, votes, errors, staging
+  // NCCL collectives return once enqueued: the host waits on them inside these regions
+  const bool watch_regions = plan.backend == CommBackend::nccl;
   const int P = groups.sp_size, DP = groups.dp_size;
   const int B = cfg.train.micro_batch_size, N = cfg.train.seq_len, T = N / P;
   const int64_t tokens_per_micro = int64_t(B) * N * DP;  // one micro-step over all ranks
@@ -187,29 +197,49 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   // no layer parameters and gradients (3), and the optimizer is LayerShardedZero.
   const int zero_stage = cfg.parallel.zero_stage;
   const bool per_layer = zero_stage >= 2;
+  if (per_layer && device == Device::cuda)
+    throw_user_error("parallel.zero_stage = {}: stages 2 and 3 (per-layer sharding, core/zero3.h) run on the CPU "
+                     "only so far; on cuda use parallel.zero_stage 0 or 1",
+                     zero_stage);
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, parse_recompute(cfg.runtime.recompute), mpi.world_size};
   run.sharded_layer_grads = per_layer;
   run.sharded_layer_params = zero_stage == 3;
   GPT model(cfg.model, run, device, groups.sequence.get());
+  ops::Context& ctx = model.context();
+  groups.set_stream(ctx.stream());  // every device collective runs in order with the model's kernels
   std::optional<ZeroAdamW> optimizer;
   std::optional<LayerShardedZero> layer_zero;
   if (per_layer)
     layer_zero.emplace(cfg.train, model, zero_stage, world);
   else
-    optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device);
+    optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device, &host);
   const GPTShape shape = model.shape();
   const int64_t n_params = num_parameters(shape);
-  // whole m, v on rank 0 for checkpoints (ZeRO >= 1 gathers / scatters the shards); with ZeRO 2
-  // and 3 the whole parameters too (params_whole)
-  const bool sharded = zero_stage > 0;
+  // ZeRO 2 and 3: the whole parameters on rank 0, gathered from / scattered to the shards
   std::vector<float> params_whole;
-  std::vector<float> m_whole, v_whole;
-  auto whole_state = [&](bool for_rank0) {
-    if (!sharded) return std::pair<float*, float*>{optimizer->m().f32(), optimizer->v().f32()};
-    if (!for_rank0) return std::pair<float*, float*>{nullptr, nullptr};
-    m_whole.resize(size_t(n_params));
-    v_whole.resize(size_t(n_params));
-    return std::pair<float*, float*>{m_whole.data(), v_whole.data()};
+
+  // The master weights as host memory for file I/O: on cpu the model's own buffer, on cuda a
+  // host copy moved with download_params / upload_params (ZeRO 0 and 1).
+  std::vector<float> params_staging;
+  auto host_params = [&]() -> float* {
+    if (device == Device::cpu) return model.params_flat().f32();
+    params_staging.resize(size_t(n_params));
+    return params_staging.data();
+  };
+  auto download_params = [&]() -> float* {
+    float* p = host_params();
+    if (device != Device::cpu) {
+      ops::copy(ctx, host_tensor(p, n_params), model.params_flat());
+      ops::synchronize(ctx);
+    }
+    return p;
+  };
+  auto upload_params = [&](const float* p) {
+    if (device != Device::cpu) {
+      ops::copy(ctx, model.params_flat(), host_tensor(p, n_params));
+      ops::synchronize(ctx);
+      params_staging = {};
+    }
   };
 
   const DataSlice slice{groups.sp_rank, P, groups.dp_rank, DP};
@@ -222,31 +252,31 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   TrainState state;
   const std::optional<std::string> resume = resolve_resume(cfg.checkpoint);
   if (resume) {
-    on_root(world, [&] {
-      const auto [m, v] = whole_state(true);
-      if (per_layer) params_whole.resize(size_t(n_params));
-      state = load_checkpoint(*resume, shape, per_layer ? params_whole.data() : model.params_flat().f32(), m, v,
-                              n_params);
+    // rank 0 reads parameters and the whole AdamW state; everybody gets the same bits (its
+    // shards at ZeRO >= 1)
+    float* params = per_layer ? nullptr : host_params();
+    std::vector<float> m_whole, v_whole;
+    on_root(host, [&] {
+      m_whole.resize(size_t(n_params));
+      v_whole.resize(size_t(n_params));
+      if (per_layer) {
+        params_whole.resize(size_t(n_params));
+        params = params_whole.data();
+      }
+      state = load_checkpoint(*resume, shape, params, m_whole.data(), v_whole.data(), n_params);
       check_resume_layout(*resume, state, mpi.world_size, P);
     });
-    // rank 0 read it; everybody gets the same bits (its shards at ZeRO >= 1)
     if (per_layer) {
       layer_zero->scatter_full(params_whole.data(), m_whole.data(), v_whole.data(), /*with_state=*/true);
       params_whole = {};
     } else {
-      world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
-      if (sharded) {
-        optimizer->scatter_state(m_whole.data(), v_whole.data());
-      } else {
-        world.broadcast(optimizer->m().data, size_t(n_params), DType::f32, 0);
-        world.broadcast(optimizer->v().data, size_t(n_params), DType::f32, 0);
-      }
+      host.broadcast(params, size_t(n_params), DType::f32, 0);
+      upload_params(params);
+      optimizer->scatter_state(ctx, m_whole.data(), v_whole.data());  // each rank keeps its shard
     }
-    m_whole = {};
-    v_whole = {};
     int64_t words[4] = {state.step, int64_t(state.data.epoch), int64_t(state.data.next_sequence),
                         state.skipped_in_a_row};
-    world.broadcast(words, 4, DType::f64 /* 8-byte words */, 0);
+    host.broadcast(words, 4, DType::f64 /* 8-byte words */, 0);
     state.step = int(words[0]);
     state.data.epoch = uint64_t(words[1]);
     state.data.next_sequence = uint64_t(words[2]);
@@ -255,16 +285,20 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     spdlog::info("resumed from {} at step {}", *resume, state.step);
   } else if (!cfg.checkpoint.init_from.empty()) {
     // llm.c GPT-2 weights (e.g. gpt2_124M.bin); the config must describe the same model
-    on_root(world, [&] {
-      if (per_layer) params_whole.resize(size_t(n_params));
-      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model),
-                           per_layer ? params_whole.data() : model.params_flat().f32(), size_t(n_params));
+    float* params = per_layer ? nullptr : host_params();
+    on_root(host, [&] {
+      if (per_layer) {
+        params_whole.resize(size_t(n_params));
+        params = params_whole.data();
+      }
+      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model), params, size_t(n_params));
     });
     if (per_layer) {
       layer_zero->scatter_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
       params_whole = {};
     } else {
-      world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+      host.broadcast(params, size_t(n_params), DType::f32, 0);
+      upload_params(params);
     }
     spdlog::info("initialised from llm.c checkpoint {}", cfg.checkpoint.init_from);
   } else if (per_layer) {
@@ -272,17 +306,25 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   } else {
     model.init_weights(cfg.train.seed);
   }
+  model.refresh_compute_params();  // the bf16 copy of whatever the master weights now hold
   state.world_size = mpi.world_size;
   state.sequence_parallel = P;
   state.zero_stage = cfg.parallel.zero_stage;
 
+  if (device == Device::cuda)
+    spdlog::info("device: cuda:{} on every rank ({} GPU(s) visible per rank at least{}), backend {}{}",
+                 plan.cuda_device, plan.survey.min_devices, plan.survey.shared ? ", shared by several ranks" : "",
+                 comm_backend_name(plan.backend),
+                 plan.backend == CommBackend::mpi ? " (staged through pinned host memory)" : "");
   spdlog::info("model: {} layers, {} wide, {} heads ({} kv), vocab {} (padded {}), {} positions: {:.2f}M parameters",
                shape.L, shape.C, shape.Hq, shape.Hkv, shape.V, shape.Vp, shape.rope ? "rotary" : "learned",
                double(n_params) / 1e6);
   spdlog::info("layout: {} ranks = DP {} x SP {}; micro-batch {} x {} tokens ({} per rank), {} micro-steps, "
                "{} tokens per step; {} threads per rank",
                mpi.world_size, DP, P, B, N, T, accum, tokens_per_step, omp_get_max_threads());
-  const double param_bytes = double(model.params_padded().bytes()) + (per_layer ? layer_zero->parameter_bytes() : 0);
+  // on cuda the fp32 master weights and their bf16 compute copy
+  const double param_bytes = double(model.params_padded().bytes()) + (per_layer ? layer_zero->parameter_bytes() : 0) +
+                             (device == Device::cuda ? double(model.compute_params_padded().bytes()) : 0);
   const double grad_bytes = double(model.grads_padded().bytes()) + (per_layer ? layer_zero->gradient_bytes() : 0);
   const double state_bytes = per_layer ? double(layer_zero->state_bytes()) : double(optimizer->shard_size()) * 8;
   spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB (ZeRO {}), "
@@ -292,7 +334,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
 
   std::unique_ptr<MetricsWriter> metrics;
   if (!cfg.logging.metrics_file.empty())
-    on_root(world, [&] { metrics = std::make_unique<MetricsWriter>(cfg.logging.metrics_file, /*append=*/bool(resume)); });
+    on_root(host, [&] { metrics = std::make_unique<MetricsWriter>(cfg.logging.metrics_file, /*append=*/bool(resume)); });
 
   const int64_t flops_token = flops_per_token(shape, N, /*causal_halved=*/true);
   std::vector<int32_t> tok(size_t(B) * T), tgt(size_t(B) * T), pos(size_t(B) * T);
@@ -300,23 +342,26 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (cfg.checkpoint.dir.empty()) return;
     state.step = step;
     state.data = train_data.state();
-    // plain variables, not a structured binding: a lambda below captures them
-    const auto state_buffers = whole_state(world.rank() == 0);
-    float* m = state_buffers.first;
-    float* v = state_buffers.second;
+    // the whole parameters and AdamW state on rank 0 (gathered from the shards, through host
+    // memory on cuda)
+    const bool root = host.rank() == 0;
+    std::vector<float> m_whole(root ? size_t(n_params) : 0), v_whole(root ? size_t(n_params) : 0);
+    const float* params = nullptr;
     if (per_layer) {  // collective
-      if (world.rank() == 0) params_whole.resize(size_t(n_params));
-      layer_zero->gather_full(params_whole.data(), m, v, /*with_state=*/true);
-    } else if (sharded) {
-      optimizer->gather_state(m, v);  // collective
+      if (root) params_whole.resize(size_t(n_params));
+      layer_zero->gather_full(params_whole.data(), m_whole.data(), v_whole.data(), /*with_state=*/true);
+      params = params_whole.data();
+    } else {
+      optimizer->gather_state(ctx, root ? m_whole.data() : nullptr, root ? v_whole.data() : nullptr);  // collective
+      params = root ? download_params() : nullptr;  // every rank holds the same weights
     }
-    on_root(world, [&] {
-      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state,
-                                               per_layer ? params_whole.data() : model.params_flat().f32(), m, v,
-                                               n_params);
+    on_root(host, [&] {
+      const std::string path =
+          save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, params, m_whole.data(), v_whole.data(), n_params);
       spdlog::info("saved checkpoint {}", path);
     });
     params_whole = {};
+    if (device != Device::cpu) params_staging = {};
   };
 
   const auto run_start = Clock::now();
@@ -325,29 +370,39 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   for (int step = state.step; step < cfg.train.max_steps; ++step) {
     const auto t0 = Clock::now();
     watchdog.set_step(step + 1);
-    groups.world->counters().reset();
-    if (groups.sequence) groups.sequence->counters().reset();
+    for (Communicator* c : {groups.world.get(), groups.sequence.get(), groups.host.get()})
+      if (c) c->counters().reset();
 
     model.zero_grad();
     if (per_layer) layer_zero->zero_grad();
     double sums[2] = {0, 0};  // loss sum, token count over this rank's micro-batches
-    for (int k = 0; k < accum; ++k) {
-      train_data.next(tok.data(), tgt.data(), pos.data());
-      int64_t count = 0;
-      sums[0] += model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
-      sums[1] += double(count);
+    {
+      WatchedRegion region(watchdog, watch_regions, "forward/backward (NCCL all-to-alls)", groups.sequence->name().c_str());
+      for (int k = 0; k < accum; ++k) {
+        train_data.next(tok.data(), tgt.data(), pos.data());
+        int64_t count = 0;
+        sums[0] += model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);  // reads the loss: waits
+        sums[1] += double(count);
+      }
     }
     // Testing aid (runtime.debug_inject_nan_step): a NaN in one rank's gradient must reach every
     // rank through the all-reduce and make the step skip.
     const RuntimeConfig& rt = cfg.runtime;
     if (rt.debug_inject_nan_step > 0 && step + 1 >= rt.debug_inject_nan_step &&
-        step + 1 < rt.debug_inject_nan_step + rt.debug_inject_nan_steps && world.rank() == world.size() - 1)
-      model.grads_flat().f32()[0] = std::numeric_limits<float>::quiet_NaN();
+        step + 1 < rt.debug_inject_nan_step + rt.debug_inject_nan_steps && world.rank() == world.size() - 1) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      ops::copy(ctx, model.grads_flat().rows(0, 1), host_tensor(&nan, 1));
+      ops::synchronize(ctx);
+    }
     // every rank holds the same parameters and saw different tokens: sum over DP × SP (all-reduce,
     // or reduce-scatter into this rank's shard with ZeRO 2) and the norm of the sum
-    const double grad_squares = per_layer ? layer_zero->reduce_gradients()
-                                          : optimizer->reduce_gradients(model.context(), model.grads_padded());
-    world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
+    double grad_squares = 0;
+    {
+      WatchedRegion region(watchdog, watch_regions, "gradient reduction (NCCL)", world.name().c_str());
+      grad_squares = per_layer ? layer_zero->reduce_gradients()
+                               : optimizer->reduce_gradients(ctx, model.grads_padded());  // the norm's read waits
+    }
+    host.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
     const double tokens = std::max(1.0, sums[1]);
     const double loss = sums[0] / tokens;
     const double grad_norm = std::sqrt(grad_squares) / tokens;
@@ -371,23 +426,30 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     } else {
       state.skipped_in_a_row = 0;
       const double clip = cfg.train.grad_clip > 0 && grad_norm > cfg.train.grad_clip ? cfg.train.grad_clip / grad_norm : 1.0;
-      if (per_layer)
+      WatchedRegion region(watchdog, watch_regions, "optimizer step (NCCL all-gather)", world.name().c_str());
+      if (per_layer) {
         layer_zero->update(float(lr), float(clip / tokens), step + 1);
-      else
-        optimizer->update(model.context(), model.params_padded(), model.grads_padded(), float(lr),
-                          float(clip / tokens), step + 1);
+      } else {
+        optimizer->update(ctx, model.params_padded(), model.grads_padded(), float(lr), float(clip / tokens), step + 1,
+                          model.compute_params_padded());
+        // ZeRO 1 all-gathered master weights: the other shards' compute copy is stale (core/zero.h)
+        if (optimizer->stage() >= 1) model.refresh_compute_params();
+      }
+      ops::synchronize(ctx);  // the step time below covers the device work (no-op on cpu)
     }
     m.step_ms = ms_since(t0);
     m.tokens_per_second = double(tokens_per_step) / (m.step_ms / 1000.0);
     m.tflops_per_rank = double(flops_token) * double(tokens_per_step) / mpi.world_size / (m.step_ms / 1000.0) / 1e12;
     m.peak_memory_gib = peak_rss_gib();
     m.comm = groups.world->counters();
-    if (groups.sequence)
-      for (size_t c = 0; c < m.comm.bytes_sent.size(); ++c) m.comm.bytes_sent[c] += groups.sequence->counters().bytes_sent[c];
+    for (Communicator* c : {groups.sequence.get(), groups.host.get()})
+      if (c)
+        for (size_t k = 0; k < m.comm.bytes_sent.size(); ++k) m.comm.bytes_sent[k] += c->counters().bytes_sent[k];
 
     const bool last = step + 1 == cfg.train.max_steps;
     if (val_data && cfg.train.eval_steps > 0 && ((cfg.train.eval_interval > 0 && (step + 1) % cfg.train.eval_interval == 0) || last)) {
-      last_val = evaluate(model, *val_data, cfg.train.eval_steps, world, tok, tgt, pos);
+      WatchedRegion region(watchdog, watch_regions, "validation (NCCL all-to-alls)", groups.sequence->name().c_str());
+      last_val = evaluate(model, *val_data, cfg.train.eval_steps, host, tok, tgt, pos);
       m.val_loss = last_val;
     }
     if (metrics) metrics->write(m);
@@ -404,13 +466,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (saved) save(step + 1);
     // Graceful stop: one all-reduce(max) so every rank stops after the same step, even when only
     // one of them was signalled. The last step ends normally below.
-    if (const int signo = stop_signals.agree(world); signo != 0 && !last) {
+    if (const int signo = stop_signals.agree(host); signo != 0 && !last) {
       if (!saved) save(step + 1);
-      if (world.rank() == 0 && cfg.checkpoint.dir.empty()) {
+      if (host.rank() == 0 && cfg.checkpoint.dir.empty()) {
         spdlog::warn("{}: stopped after step {} of {}; no checkpoint was written (checkpoint.dir is not set), "
                      "so this run's progress is lost",
                      signal_name(signo), step + 1, cfg.train.max_steps);
-      } else if (world.rank() == 0) {
+      } else if (host.rank() == 0) {
         spdlog::warn("{}: stopped after step {} of {}; checkpoint {}/step_{:08d} written. To continue, rerun the "
                      "same command with --set checkpoint.resume=auto",
                      signal_name(signo), step + 1, cfg.train.max_steps, cfg.checkpoint.dir, step + 1);
@@ -426,16 +488,17 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (world.rank() == 0) params_whole.resize(size_t(n_params));
     layer_zero->gather_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
   }
-  const float* final_params = gather_whole ? params_whole.data() : model.params_flat().f32();
+  const float* final_params = gather_whole ? params_whole.data() : nullptr;
   if (!cfg.checkpoint.export_llmc.empty()) {
-    on_root(world, [&] {
-      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), final_params, size_t(n_params));
+    const float* params = gather_whole ? final_params : (host.rank() == 0 ? download_params() : nullptr);
+    on_root(host, [&] {
+      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), params, size_t(n_params));
       spdlog::info("exported llm.c checkpoint {}", cfg.checkpoint.export_llmc);
     });
   }
 
   if (cfg.train.sample_tokens > 0) {
-    on_root(world, [&] {
+    on_root(host, [&] {
       std::unique_ptr<Tokenizer> tokenizer;
       if (cfg.data.tokenizer == "gpt2")
         tokenizer = std::make_unique<GPT2Tokenizer>(cfg.data.tokenizer_dir);
@@ -447,7 +510,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
         std::memcpy(whole->params_flat().data, final_params, size_t(n_params) * 4);
       }
       spdlog::info("sample ({} tokens, temperature {}):\n{}", cfg.train.sample_tokens, cfg.train.sample_temperature,
-                   sample(cfg, whole ? *whole : model, *tokenizer));
+                   sample(cfg, whole ? *whole : model, whole ? Device::cpu : device, *tokenizer));
     });
   }
   return 0;

@@ -13,8 +13,19 @@ int64_t ZeroAdamW::padded_count(int64_t n, int world_size) {
   return (n + w - 1) / w * w;
 }
 
-ZeroAdamW::ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, Communicator& world, Device device)
-    : cfg_(cfg), specs_(parameter_specs(shape)), stage_(stage), world_(world), arena_("optimizer", device) {
+namespace {
+// A host buffer as a tensor (for ops::copy between host and the device)
+Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>(p), {n}, DType::f32, Device::cpu); }
+}  // namespace
+
+ZeroAdamW::ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, Communicator& world, Device device,
+                     Communicator* host_world)
+    : cfg_(cfg),
+      specs_(parameter_specs(shape)),
+      stage_(stage),
+      world_(world),
+      host_world_(host_world ? *host_world : world),
+      arena_("optimizer", device) {
   if (stage < 0 || stage > 2)
     throw_user_error("parallel.zero_stage = {}: ZeroAdamW shards the flat buffers (stages 0, 1, 2); stage 3 "
                      "shards per layer (LayerShardedZero, core/zero3.h)",
@@ -47,16 +58,20 @@ double ZeroAdamW::reduce_gradients(ops::Context& ctx, Tensor grads_padded) {
   }
   // [W · S] -> this rank's summed shard [S]
   world_.reduce_scatter(grads_padded.data, grad_shard_.data, size_t(shard_size_), DType::f32, ReduceOp::sum);
-  double squares = ops::sum_squares(ctx, grad_shard_);
-  world_.all_reduce(&squares, &squares, 1, DType::f64, ReduceOp::sum);
+  double squares = ops::sum_squares(ctx, grad_shard_);  // on the host (syncs on cuda)
+  host_world_.all_reduce(&squares, &squares, 1, DType::f64, ReduceOp::sum);
   return squares;
 }
 
 void ZeroAdamW::update(ops::Context& ctx, Tensor params_padded, Tensor grads_padded, float lr, float grad_scale,
-                       int t) {
+                       int t, Tensor compute_padded) {
   const int64_t begin = shard_begin_, end = shard_begin_ + shard_size_;
   // gradients of [begin, end): the shard buffer at stage 2, the summed full buffer otherwise
   const Tensor grads = stage_ == 2 ? grad_shard_ : grads_padded.rows(begin, shard_size_);
+  // a separate compute copy (bf16 on cuda) is written in the same pass; on cpu it is the master
+  const bool lowp = !compute_padded.empty() && compute_padded.data != params_padded.data;
+  ULYSSES_ASSERT(!lowp || compute_padded.numel() == params_padded.numel(), "compute copy {} for master {}",
+                 compute_padded.describe(), params_padded.describe());
   int64_t off = 0;
   for (const ParameterSpec& s : specs_) {
     const int64_t lo = std::max(off, begin), hi = std::min(off + s.numel(), end);
@@ -64,7 +79,8 @@ void ZeroAdamW::update(ops::Context& ctx, Tensor params_padded, Tensor grads_pad
       const float wd = s.weight_decay ? float(cfg_.weight_decay) : 0.f;
       const int64_t n = hi - lo, local = lo - begin;
       ops::adamw_update(ctx, params_padded.rows(lo, n), grads.rows(local, n), m_.rows(local, n), v_.rows(local, n), lr,
-                        float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), wd, grad_scale, t);
+                        float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), wd, grad_scale, t,
+                        lowp ? compute_padded.rows(lo, n) : Tensor());
     }
     off += s.numel();
   }
@@ -75,27 +91,35 @@ void ZeroAdamW::update(ops::Context& ctx, Tensor params_padded, Tensor grads_pad
   }
 }
 
-void ZeroAdamW::gather_state(float* m, float* v) {
-  if (stage_ == 0) {
-    if (m) std::memcpy(m, m_.data, size_t(n_) * 4);
-    if (v) std::memcpy(v, v_.data, size_t(n_) * 4);
+void ZeroAdamW::gather_state(ops::Context& ctx, float* m, float* v) {
+  if (stage_ == 0) {  // every rank holds the whole state: the caller's copy comes from its own
+    for (int k = 0; k < 2; ++k) {
+      float* out = k == 0 ? m : v;
+      if (out) ops::copy(ctx, host_tensor(out, n_), (k == 0 ? m_ : v_).rows(0, n_));
+    }
+    ops::synchronize(ctx);
     return;
   }
-  std::vector<float> whole(static_cast<size_t>(n_padded_));
+  // this rank's shard to the host, then an all-gather of the shards over host memory
+  std::vector<float> shard(static_cast<size_t>(shard_size_)), whole(static_cast<size_t>(n_padded_));
   for (int k = 0; k < 2; ++k) {
-    world_.all_gather((k == 0 ? m_ : v_).data, whole.data(), size_t(shard_size_), DType::f32);
+    ops::copy(ctx, host_tensor(shard.data(), shard_size_), k == 0 ? m_ : v_);
+    ops::synchronize(ctx);
+    host_world_.all_gather(shard.data(), whole.data(), size_t(shard_size_), DType::f32);
     float* out = k == 0 ? m : v;
     if (world_.rank() == 0 && out) std::memcpy(out, whole.data(), size_t(n_) * 4);
   }
 }
 
-void ZeroAdamW::scatter_state(const float* m, const float* v) {
+void ZeroAdamW::scatter_state(ops::Context& ctx, const float* m, const float* v) {
+  // rank 0's whole state to every rank over host memory (zero padding), each keeps its shard
   std::vector<float> whole(size_t(n_padded_), 0.f);
   for (int k = 0; k < 2; ++k) {
     const float* in = k == 0 ? m : v;
     if (world_.rank() == 0) std::memcpy(whole.data(), in, size_t(n_) * 4);
-    world_.broadcast(whole.data(), size_t(n_padded_), DType::f32, 0);
-    std::memcpy((k == 0 ? m_ : v_).data, whole.data() + shard_begin_, size_t(shard_size_) * 4);
+    host_world_.broadcast(whole.data(), size_t(n_padded_), DType::f32, 0);
+    ops::copy(ctx, k == 0 ? m_ : v_, host_tensor(whole.data() + shard_begin_, shard_size_));
+    ops::synchronize(ctx);  // `whole` is reused for v
   }
 }
 

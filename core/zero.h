@@ -15,6 +15,16 @@
 // buffer exists; at 3 also the parameters sharded). Stage 2 here, on the whole gradient buffer
 // after backward, is the flat-buffer variant (it saves optimizer memory and traffic, not the
 // gradient buffer); tests compare both against stage 0.
+//
+// On cuda: m, v (and the stage-2 gradient shard) are fp32 device memory; `world` is a device
+// communicator (NCCL, or MPI staged through host memory) and `host_world` an MPI communicator
+// over the same ranks for host values (the stage-2 norm scalar, checkpoint state). AdamW writes
+// the bf16 compute copy (GPT::compute_params_padded) of the range it updates in the same pass
+// (param_lowp). Stages 1 and 2 then all-gather the fp32 master weights, which leaves the compute
+// copy of the other shards stale: the caller refreshes it (GPT::refresh_compute_params, one cast
+// over the buffer). Gathering the master weights rather than only the bf16 copy keeps every rank's
+// master weights whole, as on the CPU, so checkpoints, llm.c export and the sampler read them
+// on any rank without another collective; the cast costs one pass over 6 bytes per parameter.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -29,8 +39,10 @@ namespace ulysses {
 
 class ZeroAdamW {
  public:
-  // world: all ranks (the optimizer state is sharded over all of them)
-  ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, Communicator& world, Device device);
+  // world: all ranks (the optimizer state is sharded over all of them), on `device`'s memory;
+  // host_world: the same ranks on host memory (null: world is on host memory already)
+  ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, Communicator& world, Device device,
+            Communicator* host_world = nullptr);
 
   // elements of the padded flat buffers for n parameters on a world of `world_size`
   static int64_t padded_count(int64_t n, int world_size);
@@ -44,15 +56,19 @@ class ZeroAdamW {
   // Stages 0, 1: grads_padded holds the sum afterwards; stage 2: only the shard does (internal).
   double reduce_gradients(ops::Context& ctx, Tensor grads_padded);
 
-  // AdamW on this rank's shard (everything at stage 0), then the parameters are all-gathered.
-  // grad_scale and t as AdamW::update.
-  void update(ops::Context& ctx, Tensor params_padded, Tensor grads_padded, float lr, float grad_scale, int t);
+  // AdamW on this rank's shard (everything at stage 0), then (stages 1, 2) the parameters are
+  // all-gathered. grad_scale and t as AdamW::update. compute_padded: the model's compute copy
+  // (GPT::compute_params_padded); when it is another buffer than params_padded (bf16 on cuda)
+  // AdamW writes this rank's range of it too. Stages 1, 2 on cuda: refresh the rest afterwards
+  // (GPT::refresh_compute_params), see above.
+  void update(ops::Context& ctx, Tensor params_padded, Tensor grads_padded, float lr, float grad_scale, int t,
+              Tensor compute_padded = Tensor());
 
-  // The whole m and v (n parameters each) for a checkpoint: collective; rank 0's buffers are
-  // filled, other ranks may pass null.
-  void gather_state(float* m, float* v);
-  // The reverse: rank 0 passes the whole m and v, every rank keeps its shard. Collective.
-  void scatter_state(const float* m, const float* v);
+  // The whole m and v (n parameters each, host memory) for a checkpoint: collective; rank 0's
+  // buffers are filled, other ranks may pass null. Staged through host memory on cuda.
+  void gather_state(ops::Context& ctx, float* m, float* v);
+  // The reverse: rank 0 passes the whole m and v (host), every rank keeps its shard. Collective.
+  void scatter_state(ops::Context& ctx, const float* m, const float* v);
 
   // this rank's m and v ([S]; the whole padded buffer at stage 0)
   Tensor m() const { return m_; }
@@ -63,6 +79,7 @@ class ZeroAdamW {
   std::vector<ParameterSpec> specs_;
   int stage_;
   Communicator& world_;
+  Communicator& host_world_;
   int64_t n_ = 0, n_padded_ = 0, shard_begin_ = 0, shard_size_ = 0;
   Arena arena_;
   Tensor m_, v_, grad_shard_;  // grad_shard_: stage 2 only

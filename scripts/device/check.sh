@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA path, within about 8 minutes: the CUDA tests (every CUDA op against the CPU
-# reference), the kernel benchmark, and the training step of ulysses beside the same step in
-# PyTorch (scripts/bench/torch_gpt.py, torch_attention.py) on the issue's shapes. Prints a summary
-# last: GPU, driver, each stage PASS / FAIL / SKIP / TIMEOUT, the measured ceilings, and two
-# tables (training step, attention) with ulysses and PyTorch side by side.
+# GPU check of the CUDA path. Two parts, each within about 6 minutes, so a 15-minute device lease
+# can run both (CHECK_ONLY=tests, then CHECK_ONLY=bench) or all at once:
+#   tests  every CUDA op against the CPU reference (test_cuda_ops, test_cuda_dispatch), cuDNN SDPA,
+#          the model on cuda against cpu (test_cuda_model), the trainer (test_cuda_train: cuda vs
+#          cpu, determinism, NCCL, resume; SP = 4 on 4 ranks sharing the GPU through staged MPI),
+#          `ulysses check` of every collective on device memory, a `ulysses train` smoke run;
+#   bench  the kernel benchmark, and the training step of ulysses beside the same step in PyTorch
+#          (scripts/bench/torch_gpt.py, torch_attention.py) on the issue's shapes.
+# Prints a summary last: GPU, driver, each stage PASS / FAIL / SKIP / TIMEOUT, the measured
+# ceilings, and two tables (training step, attention) with ulysses and PyTorch side by side.
 #
 # Usage, from the repository root on the GPU machine:
 #   scripts/device/check.sh [BUILD_DIR] [RUNTIME_BUNDLE]
 #     BUILD_DIR       a CUDA build made on the Debian machine (default: build-gpu), e.g.
 #                       cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90
-#                       cmake --build build-gpu -j2 --target test_cuda_ops bench_cuda ulysses
+#                       cmake --build build-gpu -j2 --target ulysses test_cuda_ops ...
+#                     or simply scripts/device/prepare.sh (builds all and packs the carried folder)
 #     RUNTIME_BUNDLE  runtime.tar.xz from ../shared/gpu/make-runtime-bundle.sh (Open MPI, BLAS,
 #                     yaml-cpp, spdlog for machines without Debian's libraries); optional, also
 #                     looked for as ./runtime.tar.xz. Made with
@@ -18,6 +24,7 @@
 # The PyTorch stages use the machine's own python3 (with CUDA PyTorch), under the library path the
 # machine had before the bundle's env.sh.
 # Environment:
+#   CHECK_ONLY=tests|bench only that part (default: both)
 #   CHECK_QUICK=1          the benchmarks' quick modes (attention up to 16K only)
 #   CHECK_BUDGET_S=470     seconds for the whole script: each stage's timeout is its own cap or what
 #                          is left of the budget, whichever is less; a stage with under 20 s left is
@@ -38,6 +45,12 @@ quick=${CHECK_QUICK:-0}
 started=$SECONDS
 ulysses_bin=$build/apps/ulysses
 python_env=(env "LD_LIBRARY_PATH=${LD_LIBRARY_PATH-}")  # the library path before env.sh
+only=${CHECK_ONLY:-all}
+# mpirun as root in a container; 4 ranks on a 16-core box share the one GPU
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+mpirun_cmd=(mpirun --oversubscribe)
+# the tiny config with 64-wide heads (the CUDA flash attention's head sizes are 64 and 128)
+smoke=(--set model.n_head=2 --set runtime.device=cuda --set logging.interval=10)
 
 if [ -f "$bundle" ]; then
   mkdir -p /tmp/ulysses-rt && tar -xJf "$bundle" -C /tmp/ulysses-rt && source /tmp/ulysses-rt/env.sh
@@ -82,13 +95,27 @@ stage() {
 }
 
 # ---- tests ----------------------------------------------------------------------------------------
-required_stages=(test_cuda_ops test_cudnn_attention bench_cuda)
-stage test_cuda_ops 150 "$build/tests/cuda/test_cuda_ops"
-stage test_cudnn_attention 60 "$build/tests/cuda/test_cudnn_attention"
+required_stages=()
+if [ "$only" != bench ]; then
+  required_stages+=(test_cuda_ops test_cuda_dispatch test_cudnn_attention test_cuda_model test_cuda_train
+                    test_cuda_train_np4 check_nccl_np1 check_staged_np2 train_smoke)
+  stage test_cuda_ops 100 "$build/tests/cuda/test_cuda_ops"
+  stage test_cuda_dispatch 40 "$build/tests/cuda/test_cuda_dispatch"
+  stage test_cudnn_attention 50 "$build/tests/cuda/test_cudnn_attention"
+  stage test_cuda_model 50 "$build/tests/cuda/test_cuda_model"
+  stage test_cuda_train 90 "$build/tests/cuda/test_cuda_train" "[one_rank]"
+  stage test_cuda_train_np4 60 "${mpirun_cmd[@]}" -np 4 "$build/tests/cuda/test_cuda_train" "[four_ranks]"
+  stage check_nccl_np1 30 "$ulysses_bin" check --set runtime.device=cuda --set parallel.backend=nccl
+  stage check_staged_np2 40 "${mpirun_cmd[@]}" -np 2 "$ulysses_bin" check --set runtime.device=cuda \
+    --set parallel.backend=mpi --set parallel.sequence=2
+  stage train_smoke 40 "$ulysses_bin" train "${smoke[@]}" --set train.max_steps=30 --set train.sample_tokens=64
+fi
+[ "$only" = tests ] && budget_s=0  # the bench part below is skipped
 
 # ---- kernel benchmark -----------------------------------------------------------------------------
 bench_args=()
 [ "$quick" = 1 ] && bench_args=(--quick)
+[ "$only" != tests ] && required_stages+=(bench_cuda)
 stage bench_cuda 120 "$build/tests/cuda/bench_cuda" "${bench_args[@]}"
 
 # ---- training step: ulysses and PyTorch on the same shapes ----------------------------------------

@@ -1,7 +1,8 @@
 # End-to-end test of the `ulysses` command line (run by CTest as `cmake -P`):
 #   bad config / bad --set / bad option / no subcommand -> exit 2 and the documented message;
 #   --version and --print-config -> exit 0; --print-config output reloads to the same config;
-#   under mpirun -np 2 a config error ends both ranks with exit 2 and is printed once.
+#   under mpirun -np 2 a config error ends both ranks with exit 2 and is printed once;
+#   runtime.device=cuda / parallel.backend=nccl without a GPU -> exit 2 naming the key.
 # Inputs: -DULYSSES=<executable> -DMPIEXEC=<mpirun> -DWORK_DIR=<scratch directory>
 cmake_minimum_required(VERSION 3.25)
 file(REMOVE_RECURSE ${WORK_DIR})
@@ -109,6 +110,29 @@ endif()
 run_case(NAME "mpirun -np 2: sequence does not divide the world" EXIT 2
          EXPECT_ERR "key 'parallel.sequence' (4) must divide the world size (2 ranks): valid values for this world and model are 1, 2"
          ARGS ${mpi} ${ULYSSES} check --set parallel.sequence=4)
+
+# runtime.device=cuda where no GPU is visible (or in a CPU-only build): exit 2 with a message that
+# names the key, printed once under mpirun; likewise parallel.backend=nccl. Not run where
+# nvidia-smi lists a GPU (there these configs train; tests/cuda covers them).
+execute_process(COMMAND nvidia-smi -L RESULT_VARIABLE smi_rc OUTPUT_VARIABLE smi_out ERROR_QUIET)
+if(smi_rc EQUAL 0 AND smi_out MATCHES "GPU [0-9]")
+  message("skip the no-GPU cases: a GPU is visible")
+else()
+  run_case(NAME "runtime.device=cuda without a GPU" EXIT 2 EXPECT_ERR "error: runtime.device = cuda, but"
+           ARGS ${ULYSSES} train --set runtime.device=cuda --set train.max_steps=1)
+  run_case(NAME "mpirun -np 2: runtime.device=cuda without a GPU" EXIT 2 EXPECT_ERR "runtime.device = cuda, but"
+           ARGS ${mpi} ${ULYSSES} train --set runtime.device=cuda --set train.max_steps=1)
+  string(REGEX MATCHALL "error: " hits "${last_err}${last_out}")
+  list(LENGTH hits n_hits)
+  if(NOT n_hits EQUAL 1)
+    message("FAIL mpirun -np 2 runtime.device=cuda: 'error: ' printed ${n_hits} times, expected once")
+    math(EXPR failures "${failures} + 1")
+  endif()
+  run_case(NAME "bench: runtime.device=cuda without a GPU" EXIT 2 EXPECT_ERR "error: runtime.device = cuda, but"
+           ARGS ${ULYSSES} bench --set runtime.device=cuda --repeat 1 --warmup 0)
+  run_case(NAME "parallel.backend=nccl without a GPU" EXIT 2 EXPECT_ERR "error: parallel.backend = nccl moves device memory"
+           ARGS ${ULYSSES} check --set parallel.backend=nccl)
+endif()
 
 if(failures GREATER 0)
   message(FATAL_ERROR "${failures} command-line case(s) failed")

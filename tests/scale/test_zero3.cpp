@@ -142,7 +142,7 @@ Run train(const Variant& var, int stage, int steps) {
   r.v.resize(size_t(n));
   if (!layered) {
     std::memcpy(r.params.data(), model.params_flat().data, size_t(n) * 4);
-    flat->gather_state(r.m.data(), r.v.data());
+    flat->gather_state(model.context(), r.m.data(), r.v.data());
     return r;
   }
   layered->gather_full(r.params.data(), r.m.data(), r.v.data(), true);

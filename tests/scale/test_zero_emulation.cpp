@@ -86,16 +86,16 @@ ZeroRun train_zero(int stage, int P, int steps) {
   r.params.assign(p, p + n);
   r.m.resize(size_t(n));
   r.v.resize(size_t(n));
-  opt.gather_state(r.m.data(), r.v.data());
+  opt.gather_state(model.context(), r.m.data(), r.v.data());
   // the padding stayed zero
   const float* padded = model.params_padded().f32();
   for (int64_t i = n; i < model.params_padded().numel(); ++i) REQUIRE(padded[i] == 0.f);
   if (stage > 0) {
     // load path: scatter the whole state into a fresh optimizer, gather again: the same bits
     ZeroAdamW fresh(t, model.shape(), stage, *groups.world, Device::cpu);
-    fresh.scatter_state(r.m.data(), r.v.data());
+    fresh.scatter_state(model.context(), r.m.data(), r.v.data());
     std::vector<float> m2(static_cast<size_t>(n)), v2(static_cast<size_t>(n));
-    fresh.gather_state(m2.data(), v2.data());
+    fresh.gather_state(model.context(), m2.data(), v2.data());
     if (groups.world_rank == 0) {
       CHECK(std::memcmp(m2.data(), r.m.data(), size_t(n) * 4) == 0);
       CHECK(std::memcmp(v2.data(), r.v.data(), size_t(n) * 4) == 0);
