@@ -9,6 +9,8 @@
 // P - 1 peers), so the emulated rank reports the communication volume a real rank would send.
 // The numbers it computes are not those of the real run (each rank sees its own data in place of
 // its peers'): use it for timing and memory, not for losses.
+// On cuda (GPT calls set_stream with its stream) the buffers are device memory and every copy is
+// a cudaMemcpyAsync on that stream, ordered after the model's kernels like a NCCL collective.
 #pragma once
 #include "comm/communicator.h"
 
@@ -29,6 +31,12 @@ class EmulatedSequenceCommunicator final : public Communicator {
   void all_gather(const void* send, void* recv, size_t send_count, DType t) override;
   void broadcast(void* buf, size_t count, DType t, int root) override;
   void barrier() override {}
+  // cuda: the model's stream; the copies go on it (null: host memcpy)
+  void set_stream(void* cuda_stream) override { stream_ = cuda_stream; }
+
+ private:
+  void copy_bytes(void* dst, const void* src, size_t bytes);
+  void* stream_ = nullptr;
 };
 
 }  // namespace ulysses

@@ -1,16 +1,19 @@
 // The per-rank memory estimate (see core/memory_estimate.h).
 //
-// Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W):
-//                          CPU fp32 (as implemented)          CUDA bf16 (the design)
-//   parameters             4 n_pad                            2 n (bf16), / W at ZeRO 3
-//   master weights         - (the parameters are fp32)        4 n, / W at ZeRO >= 1
-//   gradients              4 n_pad (+ 4 n_pad / W shard, Z2)  2 n; ZeRO >= 2: 2 n / W + one layer's bucket
-//   optimizer m, v         8 n_pad, / W at ZeRO >= 1          8 n, / W at ZeRO >= 1
-//   activations            GPT::activation_layout, by kind (fp32; bf16 on CUDA except the
-//                          LayerNorm / softmax statistics and the losses, which stay fp32)
+// Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W), as
+// GPT (core/gpt.h) and ZeroAdamW (core/zero.h) allocate them:
+//                          CPU fp32                           CUDA (bf16 compute)
+//   parameters             4 n_pad                            4 n_pad, the fp32 master weights
+//   bf16 compute copy      -                                  2 n_pad (what forward/backward read)
+//   gradients              4 n_pad (+ 4 n_pad / W shard, Z2)  the same (fp32)
+//   optimizer m, v         8 n_pad, / W at ZeRO >= 1          the same (fp32)
+//   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
+//                          the LayerNorm / softmax statistics and the losses (fp32)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
-// ZeRO 3 is not implemented in the trainer yet; its rows show what it will save.
+// ZeRO 3 is not implemented: its CPU rows equal ZeRO 2, its CUDA rows are the design (master,
+// compute copy and gradients sharded / W, plus one layer's gathered bf16 weights and fp32
+// gradient bucket).
 #include "core/memory_estimate.h"
 
 #include <algorithm>
@@ -34,14 +37,6 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kCpuBaseline = 64.0 * 1024 * 1024;
 constexpr double kCudaRuntime = 1.5 * kGiB;
 
-// bytes of one activation buffer in the given layout
-double buffer_bytes(const ActivationBuffer& b, MemoryLayout layout) {
-  if (layout == MemoryLayout::cpu_fp32 || b.dtype != DType::f32) return double(b.bytes);
-  const bool fp32 = b.kind == "attention_stats" || b.name == "losses" || b.name.find("_mean") != std::string::npos ||
-                    b.name.find("_rstd") != std::string::npos || b.name == "lse";
-  return fp32 ? double(b.bytes) : double(b.bytes) / 2;
-}
-
 }  // namespace
 
 double MemoryEstimate::total() const {
@@ -58,15 +53,16 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   const double W = world_size;
   const double n = double(num_parameters(s)), n_pad = double(ZeroAdamW::padded_count(int64_t(n), world_size));
   const bool cpu = layout == MemoryLayout::cpu_fp32;
+  const bool cuda_zero3 = !cpu && zero_stage >= 3;  // the design, see the top of this file
   MemoryEstimate e;
   auto add = [&](std::string name, double bytes) { e.items.push_back({std::move(name), bytes}); };
   // the same items in both layouts (the table prints them side by side)
-  const double layer_params = n / std::max(1, s.L);  // a gradient bucket of about one layer
-  add("parameters (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : (zero_stage >= 3 ? 2 * n / W : 2 * n));
-  add("master weights (CUDA fp32)", cpu ? 0 : (zero_stage >= 1 ? 4 * n / W : 4 * n));
-  add("gradients (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad + (zero_stage >= 2 ? 4 * n_pad / W : 0)
-                                              : (zero_stage >= 2 ? 2 * n / W + 2 * layer_params : 2 * n));
-  add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * (cpu ? n_pad : n) / W : 8 * (cpu ? n_pad : n));
+  const double layer_params = n / std::max(1, s.L);  // about one layer's parameters
+  add("parameters (fp32; the master weights on CUDA)", cuda_zero3 ? 4 * n_pad / W : 4 * n_pad);
+  add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : cuda_zero3 ? 2 * n_pad / W + 2 * layer_params : 2 * n_pad);
+  add("gradients (fp32)", cuda_zero3 ? 4 * n_pad / W + 4 * layer_params
+                                     : 4 * n_pad + (zero_stage >= 2 ? 4 * n_pad / W : 0));
+  add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * n_pad / W : 8 * n_pad);
   // activations: the model's own layout for rank 0 of the sequence group
   int hq = s.Hq, hkv = s.Hkv;
   size_t scratch = 0;
@@ -80,8 +76,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   const GPTRunShape run{cfg.train.micro_batch_size, N, P, cfg.runtime.tile_tokens, recompute};
   std::map<std::string, double> by_kind;
   double per_layer = 0;
-  for (const ActivationBuffer& b : GPT::activation_layout(s, run, hq, hkv, scratch)) {
-    const double bytes = buffer_bytes(b, layout);
+  for (const ActivationBuffer& b :
+       GPT::activation_layout(s, run, hq, hkv, scratch, cpu ? Device::cpu : Device::cuda)) {
+    const double bytes = double(b.bytes);
     if (b.kind == "layer" && b.layer >= 0)
       per_layer += bytes;
     else
@@ -151,6 +148,7 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
   const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32);
   const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16);
   out += fmt::format("  {:<58} {:>14} {:>14}\n", "item", "CPU fp32 GiB", "CUDA bf16 GiB");
+  // (the CUDA column: bf16 compute copy and activations, fp32 master weights, gradients, m, v)
   for (size_t i = 0; i < cpu.items.size(); ++i)
     out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", i + 1 == cpu.items.size() ? "runtime (CPU process baseline | CUDA context, NCCL)" : cpu.items[i].name,
                        cpu.items[i].bytes / kGiB, gpu.items[i].bytes / kGiB);
@@ -163,7 +161,10 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
       out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
-  out += "(CPU ZeRO 3 and all CUDA rows: the design; the trainer runs ZeRO 0-2 on the CPU today)\n";
+  out += "(ZeRO 3 is not implemented: its CPU rows equal ZeRO 2, its CUDA rows are the design)\n";
+  const bool cuda = cfg.runtime.device == "cuda";
+  out += fmt::format("runtime.device {}: the {} columns apply to this config\n", cfg.runtime.device,
+                     cuda ? "CUDA bf16" : cfg.runtime.device == "cpu" ? "CPU fp32" : "CUDA (with a GPU) or CPU");
   fmt::print("{}", out);
   return 0;
 }
