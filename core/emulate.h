@@ -9,8 +9,9 @@
 // P - 1 peers), so the emulated rank reports the communication volume a real rank would send.
 // The numbers it computes are not those of the real run (each rank sees its own data in place of
 // its peers'): use it for timing and memory, not for losses.
-// On cuda (GPT calls set_stream with its stream) the buffers are device memory and every copy is
-// a cudaMemcpyAsync on that stream, ordered after the model's kernels like a NCCL collective.
+// On cuda (device = cuda) the buffers are device memory and every copy is a cudaMemcpyAsync on
+// the stream given by set_stream (the model's: GPT's constructor sets it), so the copies run in
+// order with the model's kernels and nothing waits for the host.
 #pragma once
 #include "comm/communicator.h"
 
@@ -18,8 +19,9 @@ namespace ulysses {
 
 class EmulatedSequenceCommunicator final : public Communicator {
  public:
-  EmulatedSequenceCommunicator(int size, int rank = 0);
+  EmulatedSequenceCommunicator(int size, int rank = 0, Device device = Device::cpu);
   CommBackend backend() const override { return CommBackend::mpi; }
+  void set_stream(void* cuda_stream) override { stream_ = cuda_stream; }
 
   void all_to_all(const void* send, void* recv, size_t count_per_peer, DType t) override;
   void all_to_allv(const void* send, const size_t* send_counts, const size_t* send_displs, void* recv,
@@ -31,12 +33,13 @@ class EmulatedSequenceCommunicator final : public Communicator {
   void all_gather(const void* send, void* recv, size_t send_count, DType t) override;
   void broadcast(void* buf, size_t count, DType t, int root) override;
   void barrier() override {}
-  // cuda: the model's stream; the copies go on it (null: host memcpy)
-  void set_stream(void* cuda_stream) override { stream_ = cuda_stream; }
+  void synchronize() override;  // waits for the stream on cuda
 
  private:
-  void copy_bytes(void* dst, const void* src, size_t bytes);
-  void* stream_ = nullptr;
+  // dst = src, `bytes` bytes: memmove on cpu, cudaMemcpyAsync on the stream on cuda
+  void move(void* dst, const void* src, size_t bytes);
+  Device device_;
+  void* stream_ = nullptr;  // cudaStream_t
 };
 
 }  // namespace ulysses

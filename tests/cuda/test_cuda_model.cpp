@@ -285,7 +285,7 @@ TEST_CASE("an emulated P = 2 sequence-parallel rank on CUDA matches the same ran
       std::printf("emulated P = 2, %s\n", rope ? "RoPE + GQA" : "learned positions");
       const ModelConfig m = small_model(rope);
       const GPTRunShape run{2, 64, 2, 0, Recompute::none};
-      EmulatedSequenceCommunicator seq_cuda(2, 0), seq_cpu(2, 0);
+      EmulatedSequenceCommunicator seq_cuda(2, 0, Device::cuda), seq_cpu(2, 0);
       const Run cuda = train(m, run, Device::cuda, &seq_cuda);
       const Run cpu = train(m, run, Device::cpu, &seq_cpu);
       compare(m, cuda, cpu);
