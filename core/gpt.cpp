@@ -69,17 +69,21 @@ int64_t flops_per_token(const GPTShape& s, int N, bool causal_halved) {
 
 namespace {
 
-// The 16 parameter tensors as views of a flat buffer of any dtype (llm.c order).
-ParameterTensors carve_parameters(const Tensor& flat, const std::vector<ParameterSpec>& specs) {
+// The 16 parameter tensors as views of a flat buffer of any dtype (llm.c order). Without
+// with_layers the flat buffer holds only the non-layer tensors (wte, wpe, lnfw, lnfb) and the
+// 12 layer tensors get their shapes but no data (sharded layers, core/zero3.h).
+ParameterTensors carve_parameters(const Tensor& flat, const std::vector<ParameterSpec>& specs,
+                                  bool with_layers = true) {
   ParameterTensors out;
   int64_t off = 0;
   for (int i = 0; i < kNumParameterTensors; ++i) {
+    const bool stored = with_layers || i < kFirstLayerTensor || i >= kFirstLayerTensor + kNumLayerTensors;
     Tensor t = flat;
-    t.data = static_cast<char*>(flat.data) + size_t(off) * dtype_size(flat.dtype);
+    t.data = stored ? static_cast<char*>(flat.data) + size_t(off) * dtype_size(flat.dtype) : nullptr;
     t.ndim = int(specs[size_t(i)].shape.size());
     for (int k = 0; k < t.ndim; ++k) t.shape[k] = specs[size_t(i)].shape[size_t(k)];
     out.t[size_t(i)] = t;
-    off += specs[size_t(i)].numel();
+    if (stored) off += specs[size_t(i)].numel();
   }
   return out;
 }
@@ -100,6 +104,26 @@ Tensor layer_slice(const Tensor& stacked, int l) {
   Tensor out = t;
   out.ndim = t.ndim - 1;
   for (int i = 0; i < out.ndim; ++i) out.shape[i] = t.shape[i + 1];
+  return out;
+}
+
+LayerTensors GPT::layer_params(int l) {
+  if (run_.sharded_layer_params) {
+    ULYSSES_ASSERT(hooks_, "sharded layer parameters without LayerHooks");
+    return hooks_->layer_params(l);
+  }
+  LayerTensors out;
+  for (int k = 0; k < kNumLayerTensors; ++k) out.t[k] = layer_slice(params_.t[kFirstLayerTensor + k], l);
+  return out;
+}
+
+LayerTensors GPT::layer_grads(int l) {
+  if (run_.sharded_layer_grads) {
+    ULYSSES_ASSERT(hooks_, "sharded layer gradients without LayerHooks");
+    return hooks_->layer_grads(l);
+  }
+  LayerTensors out;
+  for (int k = 0; k < kNumLayerTensors; ++k) out.t[k] = layer_slice(grads_.t[kFirstLayerTensor + k], l);
   return out;
 }
 
@@ -333,14 +357,21 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     throw_user_error("train.seq_len = {} exceeds model.max_seq_len = {} (the learned position table)", N, s.maxT);
   const int64_t BT = int64_t(B) * T;
 
-  // -- parameters and gradients: one buffer each, llm.c order. Every arena is allocated
-  // unzeroed and zeroed on ctx_'s stream (zero_arena), so later ops on the stream see the zeros.
+  // -- parameters and gradients: one buffer each, llm.c order. With sharded layers (ZeRO 2 / 3,
+  //    core/zero3.h) a buffer holds only the non-layer tensors wte, wpe, lnfw, lnfb, and the
+  //    layer tensors keep their shapes but no data. Every arena is allocated unzeroed and zeroed
+  //    on ctx_'s stream (zero_arena), so later ops on the stream see the zeros.
   const auto specs = parameter_specs(s);
   const int64_t n_params = num_parameters(s);
+  ULYSSES_ASSERT(!run.sharded_layer_params || run.sharded_layer_grads, "sharded layer parameters need sharded gradients");
+  int64_t n_layer_tensors = 0;
+  for (int k = 0; k < kNumLayerTensors; ++k) n_layer_tensors += specs[size_t(kFirstLayerTensor + k)].numel();
   if (shared_params) {
     ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C &&
                        shared_params->device_ == device,
                    "shared parameters of another shape or device");
+    ULYSSES_ASSERT(!shared_params->run_.sharded_layer_params && !run.sharded_layer_params,
+                   "a model with sharded layer parameters cannot share them");
     params_flat_ = shared_params->params_flat_;
     params_padded_ = shared_params->params_padded_;
     compute_padded_ = shared_params->compute_padded_;
@@ -348,30 +379,32 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     // zero padding to a multiple of flat_multiple (the arenas are zeroed on allocation and
     // nothing writes the padding, so it stays 0 through training)
     const int64_t m = std::max(1, run.flat_multiple);
-    const int64_t n_padded = (n_params + m - 1) / m * m;
-    const size_t p_off = param_arena_.reserve(size_t(n_padded) * 4);
+    const int64_t n_p = run.sharded_layer_params ? n_params - n_layer_tensors : n_params;
+    const int64_t n_g = run.sharded_layer_grads ? n_params - n_layer_tensors : n_params;
+    const int64_t p_padded = (n_p + m - 1) / m * m, g_padded = (n_g + m - 1) / m * m;
+    const size_t p_off = param_arena_.reserve(size_t(p_padded) * 4);
     param_arena_.allocate(/*zero=*/false);
     zero_arena(ctx_, param_arena_);
-    params_padded_ = param_arena_.tensor(p_off, {n_padded}, DType::f32);     // fp32 [n_padded]
-    params_flat_ = params_padded_.rows(0, n_params);
+    params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);     // fp32 [p_padded]
+    params_flat_ = params_padded_.rows(0, n_p);
     if (device == Device::cuda) {
-      const size_t c_off = compute_arena_.reserve(size_t(n_padded) * 2);
+      const size_t c_off = compute_arena_.reserve(size_t(p_padded) * 2);
       compute_arena_.allocate(/*zero=*/false);
       zero_arena(ctx_, compute_arena_);
-      compute_padded_ = compute_arena_.tensor(c_off, {n_padded}, DType::bf16);  // bf16 [n_padded]
+      compute_padded_ = compute_arena_.tensor(c_off, {p_padded}, DType::bf16);  // bf16 [p_padded]
     } else {
       compute_padded_ = params_padded_;
     }
-    const size_t g_off = grad_arena_.reserve(size_t(n_padded) * 4);
+    const size_t g_off = grad_arena_.reserve(size_t(g_padded) * 4);
     grad_arena_.allocate(/*zero=*/false);
     zero_arena(ctx_, grad_arena_);
-    grads_padded_ = grad_arena_.tensor(g_off, {n_padded}, DType::f32);       // fp32 [n_padded]
-    grads_flat_ = grads_padded_.rows(0, n_params);
-    grads_ = carve_parameters(grads_flat_, specs);
+    grads_padded_ = grad_arena_.tensor(g_off, {g_padded}, DType::f32);       // fp32 [g_padded]
+    grads_flat_ = grads_padded_.rows(0, n_g);
+    grads_ = carve_parameters(grads_flat_, specs, !run.sharded_layer_grads);
   }
   // forward/backward read the compute copy: bf16 on cuda (every tensor starts at a multiple of
   // 8 elements, 16 bytes, since C and the qkv width are multiples of 8), params_flat_ on cpu
-  params_ = carve_parameters(compute_padded_.rows(0, n_params), specs);
+  params_ = carve_parameters(compute_padded_.rows(0, params_flat_.numel()), specs, !run.sharded_layer_params);
 
   // -- the Ulysses all-to-alls and this rank's heads
   hq_ = s.Hq;
@@ -439,47 +472,60 @@ void GPT::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout
 
 // ---- init -------------------------------------------------------------------------------------
 
+void parameter_init_values(const GPTShape& s, double init_std, uint64_t seed,
+                           const std::function<void(int tensor, int64_t begin, const float* values, int64_t n)>& sink) {
+  std::mt19937_64 rng(seed);
+  auto uniform = [&] { return (double(rng() >> 11) + 0.5) * (1.0 / 9007199254740992.0); };
+  // chunks of an even length: a Box-Muller pair never straddles two chunks, so the stream is the
+  // same as one pass over the whole tensor
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<float> buf(static_cast<size_t>(kChunk));
+  auto normal = [&](int tensor, int64_t n, double std) {
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t len = std::min(kChunk, n - c);
+      float* p = buf.data();
+      for (int64_t i = 0; i < len; i += 2) {
+        const double u1 = uniform(), u2 = uniform();
+        const double r = std::sqrt(-2.0 * std::log(u1));
+        p[i] = float(std * r * std::cos(2 * M_PI * u2));
+        if (i + 1 < len) p[i + 1] = float(std * r * std::sin(2 * M_PI * u2));
+      }
+      sink(tensor, c, p, len);
+    }
+  };
+  auto fill = [&](int tensor, int64_t n, float v) {
+    std::fill(buf.begin(), buf.end(), v);
+    for (int64_t c = 0; c < n; c += kChunk) sink(tensor, c, buf.data(), std::min(kChunk, n - c));
+  };
+  const double residual_std = init_std / std::sqrt(2.0 * s.L);
+  const std::vector<ParameterSpec> specs = parameter_specs(s);
+  for (int i = 0; i < kNumParameterTensors; ++i) {
+    const ParameterSpec& p = specs[size_t(i)];
+    const int64_t n = p.numel();
+    if (n == 0) continue;  // wpe with rotary positions
+    if (p.name == "attprojw" || p.name == "fcprojw")
+      normal(i, n, residual_std);
+    else if (p.weight_decay)  // wte, wpe, qkvw, fcw
+      normal(i, n, init_std);
+    else
+      fill(i, n, p.name == "ln1w" || p.name == "ln2w" || p.name == "lnfw" ? 1.f : 0.f);
+  }
+}
+
 void GPT::init_weights(uint64_t seed) {
-  // The values are generated on the host in llm.c order: in place on cpu, into a host copy of
-  // the master weights on cuda (copied over below), so both devices get the same fp32 values.
+  // The values come from parameter_init_values, on the host: in place on cpu; on cuda into a
+  // host copy of the master weights, copied over below, so both devices get the same fp32
+  // values. Only the tensors this model stores (with sharded layers: wte, wpe, lnfw, lnfb;
+  // core/zero3.h initialises the layer shards from the same stream).
   const int64_t n = params_flat_.numel();
   std::vector<float> host_master(device_ == Device::cuda ? size_t(n) : 0);
   const Tensor master = device_ == Device::cuda ? Tensor(host_master.data(), {n}, DType::f32, Device::cpu)
                                                 : params_flat_;
-  ParameterTensors p = carve_parameters(master, parameter_specs(shape_));
-  // Box-Muller on mt19937_64 by hand: std::normal_distribution is implementation-defined.
-  std::mt19937_64 rng(seed);
-  auto uniform = [&] { return (double(rng() >> 11) + 0.5) * (1.0 / 9007199254740992.0); };
-  auto normal = [&](float* p, int64_t n, double std) {
-    for (int64_t i = 0; i < n; i += 2) {
-      const double u1 = uniform(), u2 = uniform();
-      const double r = std::sqrt(-2.0 * std::log(u1));
-      p[i] = float(std * r * std::cos(2 * M_PI * u2));
-      if (i + 1 < n) p[i + 1] = float(std * r * std::sin(2 * M_PI * u2));
-    }
-  };
-  auto fill = [](Tensor t, float v) {
-    float* p = t.f32();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = v;
-  };
-  const double std = init_std_;
-  const double residual_std = std / std::sqrt(2.0 * shape_.L);
-  normal(p.wte().f32(), p.wte().numel(), std);
-  if (!p.wpe().empty()) normal(p.wpe().f32(), p.wpe().numel(), std);
-  fill(p.ln1w(), 1.f);
-  fill(p.ln1b(), 0.f);
-  normal(p.qkvw().f32(), p.qkvw().numel(), std);
-  fill(p.qkvb(), 0.f);
-  normal(p.attprojw().f32(), p.attprojw().numel(), residual_std);
-  fill(p.attprojb(), 0.f);
-  fill(p.ln2w(), 1.f);
-  fill(p.ln2b(), 0.f);
-  normal(p.fcw().f32(), p.fcw().numel(), std);
-  fill(p.fcb(), 0.f);
-  normal(p.fcprojw().f32(), p.fcprojw().numel(), residual_std);
-  fill(p.fcprojb(), 0.f);
-  fill(p.lnfw(), 1.f);
-  fill(p.lnfb(), 0.f);
+  const ParameterTensors p = carve_parameters(master, parameter_specs(shape_), !run_.sharded_layer_params);
+  parameter_init_values(shape_, init_std_, seed, [&](int i, int64_t begin, const float* values, int64_t count) {
+    const Tensor& t = p.t[size_t(i)];
+    if (t.data) std::memcpy(t.f32() + begin, values, size_t(count) * 4);
+  });
   if (device_ == Device::cuda) {
     ops::copy(ctx_, params_flat_, master);
     ops::synchronize(ctx_);  // host_master is freed on return
@@ -499,11 +545,10 @@ void GPT::attention_forward(Layer& a, int l) {
   const GPTShape& s = shape_;
   const int B = run_.B, T = run_.T(), d = s.d;
   Activations& A = *act_;
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   // qkv = ln1 · Wqkv + b        [B*T, C] -> [B, T, Hq + 2Hkv, d]
   Tensor qkv = run_.P > 1 ? A.qkv_local : a.qkv_full;
-  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l),
-                 layer_slice(p.qkvb(), l));
+  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, p.qkvw(), p.qkvb());
   if (s.rope) {  // rotate q and k by their global positions, before they leave the rank
     ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   }
@@ -524,26 +569,25 @@ void GPT::attention_forward(Layer& a, int l) {
 // so fch / fch_gelu need only [chunk, 4C]. Leaves residual3 = fcproj(...) (residual added after).
 void GPT::mlp_forward(Layer& a, int l) {
   const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   for (int64_t r = 0; r < BT; r += chunk) {
     const int64_t n = std::min(chunk, BT - r);
     Tensor fch = a.fch.rows(run_.mlp_tiled() ? 0 : r, n), gelu = a.fch_gelu.rows(0, n);
-    matmul_forward(fch, a.ln2.rows(r, n), layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+    matmul_forward(fch, a.ln2.rows(r, n), p.fcw(), p.fcb());
     ops::gelu_forward(ctx_, gelu, fch);
-    matmul_forward(a.residual3.rows(r, n), gelu, layer_slice(p.fcprojw(), l), layer_slice(p.fcprojb(), l));
+    matmul_forward(a.residual3.rows(r, n), gelu, p.fcprojw(), p.fcprojb());
   }
 }
 
 void GPT::block_forward(Layer& a, int l, Tensor x) {
-  auto& p = params_;
+  LayerTensors p = layer_params(l);
   // attention block: x + Wo · attention(LN1(x))
-  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l), layer_slice(p.ln1b(), l));
+  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, p.ln1w(), p.ln1b());
   attention_forward(a, l);
-  matmul_forward(a.residual2, a.att, layer_slice(p.attprojw(), l), layer_slice(p.attprojb(), l));
+  matmul_forward(a.residual2, a.att, p.attprojw(), p.attprojb());
   ops::residual_forward(ctx_, a.residual2, a.residual2, x);
   // MLP block: x + W2 · gelu(W1 · LN2(x))
-  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
-                         layer_slice(p.ln2b(), l));
+  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w(), p.ln2b());
   mlp_forward(a, l);
   ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
 }
@@ -595,6 +639,7 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
   ops::embedding_forward(ctx_, A.encoded, A.tokens, A.positions, p.wte(), s.rope ? Tensor() : p.wpe());
   Tensor x = A.encoded;
   for (int l = 0; l < s.L; ++l) {
+    if (hooks_) hooks_->before_forward(l);
     Layer& a = A.layers[size_t(l)];
     block_forward(a, l, x);
     x = a.residual3;
@@ -629,12 +674,11 @@ void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   const GPTShape& s = shape_;
   Activations& A = *act_;
   const int B = run_.B, T = run_.T(), d = s.d;
-  auto& p = params_;
-  auto& g = grads_;
+  LayerTensors p = layer_params(l);
+  LayerTensors g = layer_grads(l);
   // out = att · Wo + b: d(att) = dres · Wo
   ops::fill_zero(ctx_, A.datt);
-  matmul_backward(A.datt, layer_slice(g.attprojw(), l), layer_slice(g.attprojb(), l), dres, a.att,
-                  layer_slice(p.attprojw(), l));
+  matmul_backward(A.datt, g.attprojw(), g.attprojb(), dres, a.att, p.attprojw());
   if (run_.P > 1) {
     // backward of #2: [B, N/P, Hq, d] -> [B, N, hq, d]
     ulysses_->all_to_all_out_heads_to_seq(ctx_, A.datt_full, A.datt.reshape({B, T, s.Hq, d}));
@@ -650,16 +694,16 @@ void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
   // qkv = ln1 · Wqkv + b
   ops::fill_zero(ctx_, A.dln);
-  matmul_backward(A.dln, layer_slice(g.qkvw(), l), layer_slice(g.qkvb(), l),
-                  dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, layer_slice(p.qkvw(), l));
+  matmul_backward(A.dln, g.qkvw(), g.qkvb(), dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1,
+                  p.qkvw());
 }
 
 // residual3 = residual2 + W2 · gelu(W1 · LN2(residual2)), chunk by chunk; leaves d(LN2 out) in
 // dln. A tiled MLP recomputes each chunk's fch and gelu first (they were not kept).
 void GPT::mlp_backward(Layer& a, int l) {
   Activations& A = *act_;
-  auto& p = params_;
-  auto& g = grads_;
+  LayerTensors p = layer_params(l);
+  LayerTensors g = layer_grads(l);
   const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
   const bool tiled = run_.mlp_tiled();
   ops::fill_zero(ctx_, A.dln);
@@ -668,18 +712,16 @@ void GPT::mlp_backward(Layer& a, int l) {
     Tensor fch = a.fch.rows(tiled ? 0 : r, n), gelu = a.fch_gelu.rows(0, n), ln2 = a.ln2.rows(r, n);
     if (tiled) {
       counting_ = false;
-      matmul_forward(fch, ln2, layer_slice(p.fcw(), l), layer_slice(p.fcb(), l));
+      matmul_forward(fch, ln2, p.fcw(), p.fcb());
       counting_ = true;
     }
     if (tiled || run_.recompute == Recompute::selective) ops::gelu_forward(ctx_, gelu, fch);
     Tensor dgelu = A.dfch_gelu.rows(0, n), dfch = A.dfch.rows(0, n);
     ops::fill_zero(ctx_, dgelu);
-    matmul_backward(dgelu, layer_slice(g.fcprojw(), l), layer_slice(g.fcprojb(), l), A.dres.rows(r, n), gelu,
-                    layer_slice(p.fcprojw(), l));
+    matmul_backward(dgelu, g.fcprojw(), g.fcprojb(), A.dres.rows(r, n), gelu, p.fcprojw());
     ops::fill_zero(ctx_, dfch);
     ops::gelu_backward(ctx_, dfch, fch, dgelu);
-    matmul_backward(A.dln.rows(r, n), layer_slice(g.fcw(), l), layer_slice(g.fcb(), l), dfch, ln2,
-                    layer_slice(p.fcw(), l));
+    matmul_backward(A.dln.rows(r, n), g.fcw(), g.fcb(), dfch, ln2, p.fcw());
   }
 }
 
@@ -693,6 +735,8 @@ void GPT::backward() {
   const Tensor top = s.L > 0 ? A.layers[size_t(s.L - 1)].residual3 : A.encoded;
   ops::layernorm_backward(ctx_, A.dres, g.lnfw(), g.lnfb(), A.dlnf, top, p.lnfw(), A.lnf_mean, A.lnf_rstd);
   for (int l = s.L - 1; l >= 0; --l) {
+    if (hooks_) hooks_->before_backward(l);
+    LayerTensors lp = layer_params(l), lg = layer_grads(l);
     Layer& a = A.layers[size_t(l)];
     const Tensor x = l > 0 ? A.layers[size_t(l - 1)].residual3 : A.encoded;
     if (run_.recompute == Recompute::full) {
@@ -702,19 +746,17 @@ void GPT::backward() {
       block_forward(a, l, x);
       counting_ = true;
     } else if (run_.recompute == Recompute::selective) {
-      ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, layer_slice(p.ln2w(), l),
-                             layer_slice(p.ln2b(), l));
+      ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, lp.ln2w(), lp.ln2b());
     }
     mlp_backward(a, l);
-    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln2w(), l), layer_slice(g.ln2b(), l), A.dln, a.residual2,
-                            layer_slice(p.ln2w(), l), a.ln2_mean, a.ln2_rstd);
+    ops::layernorm_backward(ctx_, A.dres, lg.ln2w(), lg.ln2b(), A.dln, a.residual2, lp.ln2w(), a.ln2_mean,
+                            a.ln2_rstd);
     // attention block: residual2 = x + Wo · attention(LN1(x)); leaves d(LN1 out) in dln
     if (run_.recompute != Recompute::none)  // ln1 and ln2 share one buffer: it holds ln2 now
-      ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, layer_slice(p.ln1w(), l),
-                             layer_slice(p.ln1b(), l));
+      ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, lp.ln1w(), lp.ln1b());
     attention_backward(a, l, A.dres);
-    ops::layernorm_backward(ctx_, A.dres, layer_slice(g.ln1w(), l), layer_slice(g.ln1b(), l), A.dln, x,
-                            layer_slice(p.ln1w(), l), a.ln1_mean, a.ln1_rstd);
+    ops::layernorm_backward(ctx_, A.dres, lg.ln1w(), lg.ln1b(), A.dln, x, lp.ln1w(), a.ln1_mean, a.ln1_rstd);
+    if (hooks_) hooks_->after_backward(l);
   }
   ops::embedding_backward(ctx_, g.wte(), s.rope ? Tensor() : g.wpe(), A.dres, A.tokens, A.positions);
 }

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,6 +84,51 @@ struct ParameterTensors {
 // Layer l's slice of a stacked [L, ...] parameter tensor.
 Tensor layer_slice(const Tensor& stacked, int l);
 
+// The 12 parameter (or gradient) tensors of one layer: ParameterTensors 2..13 without the
+// leading [L], in llm.c order. The model's layer ops read their weights only through these.
+constexpr int kFirstLayerTensor = 2, kNumLayerTensors = 12;
+struct LayerTensors {
+  std::array<Tensor, kNumLayerTensors> t;
+  Tensor& ln1w() { return t[0]; }
+  Tensor& ln1b() { return t[1]; }
+  Tensor& qkvw() { return t[2]; }
+  Tensor& qkvb() { return t[3]; }
+  Tensor& attprojw() { return t[4]; }
+  Tensor& attprojb() { return t[5]; }
+  Tensor& ln2w() { return t[6]; }
+  Tensor& ln2b() { return t[7]; }
+  Tensor& fcw() { return t[8]; }
+  Tensor& fcb() { return t[9]; }
+  Tensor& fcprojw() { return t[10]; }
+  Tensor& fcprojb() { return t[11]; }
+};
+
+// GPT-2 init, as a stream: every parameter's initial value, tensor by tensor in llm.c order and
+// element by element, handed to sink(tensor index, first element, values, count) in consecutive
+// chunks. N(0, init_std) for wte, wpe, qkvw, fcw; N(0, init_std / sqrt(2L)) for the residual
+// projections attprojw, fcprojw; LayerNorm weights 1; biases and LayerNorm biases 0. Box-Muller
+// on mt19937_64 by hand (std::normal_distribution is implementation-defined), so the values are
+// the same on every rank and platform, and whoever holds a shard (core/zero3.h) can keep just it.
+void parameter_init_values(const GPTShape& s, double init_std, uint64_t seed,
+                           const std::function<void(int tensor, int64_t begin, const float* values, int64_t n)>& sink);
+
+// Called by GPT::forward() / backward() at the layer boundaries when set (GPT::set_layer_hooks):
+// ZeRO 2 and 3 (core/zero3.h) hold what the model then does not, and move it per layer.
+class LayerHooks {
+ public:
+  virtual ~LayerHooks() = default;
+  // before layer l's forward (not before the forward that full recompute reruns inside backward)
+  virtual void before_forward(int l) = 0;
+  // before layer l's backward (and the recomputed forward in it); layers run L-1 down to 0
+  virtual void before_backward(int l) = 0;
+  // layer l's gradients are complete
+  virtual void after_backward(int l) = 0;
+  // views of layer l's parameters / gradients; asked only when GPTRunShape::sharded_layer_params
+  // / sharded_layer_grads say the model does not hold them, and only between the calls above
+  virtual LayerTensors layer_params(int l) = 0;
+  virtual LayerTensors layer_grads(int l) = 0;
+};
+
 // runtime.recompute: what backward recomputes instead of reading from the activation arena.
 //   none       every activation of every layer is stored
 //   selective  the cheap ones (LayerNorm outputs, GELU output) share one buffer across layers and
@@ -100,6 +146,12 @@ struct GPTRunShape {
   int tile_tokens = 0; // rows per chunk of the MLP and of the LM head (0: MLP untiled, LM head 256)
   Recompute recompute = Recompute::none;
   int flat_multiple = 1;  // parameter / gradient buffers padded (with zeros) to a multiple of this
+  // ZeRO 2 / 3 (core/zero3.h): the model does not store the 12 per-layer tensors' gradients
+  // (sharded_layer_grads) or parameters and gradients (sharded_layer_params, implies the former);
+  // its flat buffers then hold only wte, wpe, lnfw, lnfb, contiguous in that order, and the layer
+  // views come from the LayerHooks.
+  bool sharded_layer_params = false;
+  bool sharded_layer_grads = false;
   int T() const { return N / P; }
   int64_t rows() const { return int64_t(B) * T(); }
   // rows per MLP chunk (all rows when untiled) and per LM-head chunk
@@ -162,12 +214,21 @@ class GPT {
 
   const GPTShape& shape() const { return shape_; }
   const GPTRunShape& run_shape() const { return run_; }
+  double init_std() const { return init_std_; }  // model.init_std (see parameter_init_values)
+  // The tensors this model stores (with sharded layers: the per-layer ones have no data).
   ParameterTensors& params() { return params_; }
   ParameterTensors& grads() { return grads_; }
   Device device() const { return device_; }
-  // all parameters, llm.c order: fp32 (the master weights on cuda)
+  // All parameters in llm.c order, fp32 (the master weights on cuda); with sharded layers only
+  // wte, wpe, lnfw, lnfb (GPTRunShape).
   Tensor params_flat() const { return params_flat_; }
   Tensor grads_flat() const { return grads_flat_; }  // fp32
+  // Layer l's parameters / gradients: slices of the stacked tensors, or the hooks' views (on
+  // cuda the parameters are bf16 compute views, the gradients fp32).
+  LayerTensors layer_params(int l);
+  LayerTensors layer_grads(int l);
+  // Not owned; null to clear. Must outlive its use by forward / backward.
+  void set_layer_hooks(LayerHooks* hooks) { hooks_ = hooks; }
   // The same buffers with their zero padding to run.flat_multiple (ZeRO shards them evenly).
   Tensor params_padded() const { return params_padded_; }
   Tensor grads_padded() const { return grads_padded_; }
@@ -236,6 +297,7 @@ class GPT {
   ParameterTensors params_, grads_;  // params_: views of the compute buffer; grads_: fp32
   std::unique_ptr<Activations> act_;
   std::unique_ptr<HostStaging> staging_;  // cuda only
+  LayerHooks* hooks_ = nullptr;
 };
 
 }  // namespace ulysses

@@ -1,19 +1,29 @@
 // The per-rank memory estimate (see core/memory_estimate.h).
 //
 // Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W), as
-// GPT (core/gpt.h) and ZeroAdamW (core/zero.h) allocate them:
+// GPT (core/gpt.h), ZeroAdamW (core/zero.h, ZeRO 0 / 1) and core/zero3.h (ZeRO 2 / 3) allocate
+// them:
 //                          CPU fp32                           CUDA (bf16 compute)
 //   parameters             4 n_pad                            4 n_pad, the fp32 master weights
 //   bf16 compute copy      -                                  2 n_pad (what forward/backward read)
-//   gradients              4 n_pad (+ 4 n_pad / W shard, Z2)  the same (fp32)
-//   optimizer m, v         8 n_pad, / W at ZeRO >= 1          the same (fp32)
+//   gradients              4 n_pad                            the same (fp32)
+//   optimizer m, v         8 n_pad, / W at ZeRO 1             the same (fp32)
+// ZeRO 2 and 3 (core/zero3.h, LayerShardLayout): Z = L·S + R elements per rank of each sharded
+// array (S a layer block's shard, R the rest's: wte, wpe, lnfw, lnfb), blk = W·S one layer block,
+// rest = W·R, held = what the model stores (n_pad at ZeRO 2, rest at ZeRO 3), bufs = the layer
+// buffers the parameters are gathered into (1 at ZeRO 2, 2 at ZeRO 3):
+//   parameters             4 held + 4 Z (the fp32 master      4 held + 4 Z (fp32 master: the
+//                          shards) + 4 bufs·blk               model's and the shards)
+//   bf16 compute copy      -                                  2 held + 2 Z + 2 bufs·blk (the
+//                                                             gathered layers in bf16)
+//   gradients              4 rest + 4 Z + 4 blk + 4 S (the model's rest, the shards, one layer
+//                          buffer, the reduce-scatter's receive buffer), fp32 in both columns
+//   optimizer m, v         8 Z                                8 Z
+// (the CUDA ZeRO 2 / 3 rows are the design: core/zero3.h runs on the CPU so far)
 //   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
 //                          the LayerNorm / softmax statistics and the losses (fp32)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
-// ZeRO 3 is not implemented: its CPU rows equal ZeRO 2, its CUDA rows are the design (master,
-// compute copy and gradients sharded / W, plus one layer's gathered bf16 weights and fp32
-// gradient bucket).
 #include "core/memory_estimate.h"
 
 #include <algorithm>
@@ -28,6 +38,7 @@
 #include "core/emulate.h"
 #include "core/error.h"
 #include "core/zero.h"
+#include "core/zero3.h"
 
 namespace ulysses {
 
@@ -53,16 +64,24 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   const double W = world_size;
   const double n = double(num_parameters(s)), n_pad = double(ZeroAdamW::padded_count(int64_t(n), world_size));
   const bool cpu = layout == MemoryLayout::cpu_fp32;
-  const bool cuda_zero3 = !cpu && zero_stage >= 3;  // the design, see the top of this file
   MemoryEstimate e;
   auto add = [&](std::string name, double bytes) { e.items.push_back({std::move(name), bytes}); };
   // the same items in both layouts (the table prints them side by side)
-  const double layer_params = n / std::max(1, s.L);  // about one layer's parameters
-  add("parameters (fp32; the master weights on CUDA)", cuda_zero3 ? 4 * n_pad / W : 4 * n_pad);
-  add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : cuda_zero3 ? 2 * n_pad / W + 2 * layer_params : 2 * n_pad);
-  add("gradients (fp32)", cuda_zero3 ? 4 * n_pad / W + 4 * layer_params
-                                     : 4 * n_pad + (zero_stage >= 2 ? 4 * n_pad / W : 0));
-  add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * n_pad / W : 8 * n_pad);
+  if (zero_stage <= 1) {
+    add("parameters (fp32; the master weights on CUDA)", 4 * n_pad);
+    add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * n_pad);
+    add("gradients (fp32)", 4 * n_pad);
+    add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * n_pad / W : 8 * n_pad);
+  } else {
+    const LayerShardLayout lay = LayerShardLayout::make(s, world_size);
+    const double Z = double(s.L) * double(lay.shard) + double(lay.rest_shard), blk = double(lay.block());
+    const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : n_pad;
+    const double bufs = zero_stage == 3 ? 2 : 1;
+    add("parameters (fp32; the master weights on CUDA)", 4 * held + 4 * Z + (cpu ? 4 * bufs * blk : 0));
+    add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * held + 2 * Z + 2 * bufs * blk);
+    add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk + 4 * double(lay.shard));
+    add("optimizer m, v (fp32)", 8 * Z);
+  }
   // activations: the model's own layout for rank 0 of the sequence group
   int hq = s.Hq, hkv = s.Hkv;
   size_t scratch = 0;
@@ -161,7 +180,8 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
       out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
-  out += "(ZeRO 3 is not implemented: its CPU rows equal ZeRO 2, its CUDA rows are the design)\n";
+  out += "(CPU rows and CUDA ZeRO 0/1: what the model and optimizer allocate; CUDA ZeRO 2/3: the design, "
+         "core/zero3.h runs on the CPU so far)\n";
   const bool cuda = cfg.runtime.device == "cuda";
   out += fmt::format("runtime.device {}: the {} columns apply to this config\n", cfg.runtime.device,
                      cuda ? "CUDA bf16" : cfg.runtime.device == "cpu" ? "CPU fp32" : "CUDA (with a GPU) or CPU");

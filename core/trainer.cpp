@@ -1,7 +1,8 @@
 // The training loop (see core/trainer.h). One optimizer step:
 //   for each of `accum` micro-batches: forward, fused LM head + loss, backward (grads accumulate
 //   as the gradient of the summed loss over this rank's tokens)
-//   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world
+//   all-reduce(sum) the gradients and the loss / token counts over the whole DP × SP world (ZeRO
+//   2, 3: each layer's gradient is reduce-scattered into shards during backward, core/zero3.h)
 //   grad_norm = |g| / tokens; clip; AdamW with grad_scale = clip / tokens
 #include "core/trainer.h"
 
@@ -9,10 +10,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -29,6 +32,7 @@
 #include "core/metrics.h"
 #include "core/optimizer.h"
 #include "core/zero.h"
+#include "core/zero3.h"
 #include "core/signals.h"
 #include "core/tokenizer.h"
 
@@ -178,17 +182,30 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     throw_user_error("parallel.emulate_sequence = {}: emulation measures one rank's work of a P-rank run (its "
                      "losses are not a real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
                      cfg.parallel.emulate_sequence);
-  // ZeRO (core/zero.h) shards the flat buffers evenly over the world: pad them to a multiple of it
+  // ZeRO (core/zero.h) shards the flat buffers evenly over the world: pad them to a multiple of it.
+  // Stages 2 and 3 work per layer (core/zero3.h): the model then stores no layer gradients (2) or
+  // no layer parameters and gradients (3), and the optimizer is LayerShardedZero.
+  const int zero_stage = cfg.parallel.zero_stage;
+  const bool per_layer = zero_stage >= 2;
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, parse_recompute(cfg.runtime.recompute), mpi.world_size};
+  run.sharded_layer_grads = per_layer;
+  run.sharded_layer_params = zero_stage == 3;
   GPT model(cfg.model, run, device, groups.sequence.get());
-  ZeroAdamW optimizer(cfg.train, model.shape(), cfg.parallel.zero_stage, world, device);
+  std::optional<ZeroAdamW> optimizer;
+  std::optional<LayerShardedZero> layer_zero;
+  if (per_layer)
+    layer_zero.emplace(cfg.train, model, zero_stage, world);
+  else
+    optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device);
   const GPTShape shape = model.shape();
   const int64_t n_params = num_parameters(shape);
-  // whole m, v on rank 0 for checkpoints (ZeRO >= 1 gathers / scatters the shards)
-  const bool sharded = cfg.parallel.zero_stage > 0;
+  // whole m, v on rank 0 for checkpoints (ZeRO >= 1 gathers / scatters the shards); with ZeRO 2
+  // and 3 the whole parameters too (params_whole)
+  const bool sharded = zero_stage > 0;
+  std::vector<float> params_whole;
   std::vector<float> m_whole, v_whole;
   auto whole_state = [&](bool for_rank0) {
-    if (!sharded) return std::pair<float*, float*>{optimizer.m().f32(), optimizer.v().f32()};
+    if (!sharded) return std::pair<float*, float*>{optimizer->m().f32(), optimizer->v().f32()};
     if (!for_rank0) return std::pair<float*, float*>{nullptr, nullptr};
     m_whole.resize(size_t(n_params));
     v_whole.resize(size_t(n_params));
@@ -207,19 +224,26 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   if (resume) {
     on_root(world, [&] {
       const auto [m, v] = whole_state(true);
-      state = load_checkpoint(*resume, shape, model.params_flat().f32(), m, v, n_params);
+      if (per_layer) params_whole.resize(size_t(n_params));
+      state = load_checkpoint(*resume, shape, per_layer ? params_whole.data() : model.params_flat().f32(), m, v,
+                              n_params);
       check_resume_layout(*resume, state, mpi.world_size, P);
     });
-    // rank 0 read it; everybody gets the same bits
-    world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
-    if (sharded) {
-      optimizer.scatter_state(m_whole.data(), v_whole.data());
-      m_whole = {};
-      v_whole = {};
+    // rank 0 read it; everybody gets the same bits (its shards at ZeRO >= 1)
+    if (per_layer) {
+      layer_zero->scatter_full(params_whole.data(), m_whole.data(), v_whole.data(), /*with_state=*/true);
+      params_whole = {};
     } else {
-      world.broadcast(optimizer.m().data, size_t(n_params), DType::f32, 0);
-      world.broadcast(optimizer.v().data, size_t(n_params), DType::f32, 0);
+      world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+      if (sharded) {
+        optimizer->scatter_state(m_whole.data(), v_whole.data());
+      } else {
+        world.broadcast(optimizer->m().data, size_t(n_params), DType::f32, 0);
+        world.broadcast(optimizer->v().data, size_t(n_params), DType::f32, 0);
+      }
     }
+    m_whole = {};
+    v_whole = {};
     int64_t words[4] = {state.step, int64_t(state.data.epoch), int64_t(state.data.next_sequence),
                         state.skipped_in_a_row};
     world.broadcast(words, 4, DType::f64 /* 8-byte words */, 0);
@@ -232,11 +256,19 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   } else if (!cfg.checkpoint.init_from.empty()) {
     // llm.c GPT-2 weights (e.g. gpt2_124M.bin); the config must describe the same model
     on_root(world, [&] {
-      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model), model.params_flat().f32(),
-                           size_t(n_params));
+      if (per_layer) params_whole.resize(size_t(n_params));
+      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model),
+                           per_layer ? params_whole.data() : model.params_flat().f32(), size_t(n_params));
     });
-    world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+    if (per_layer) {
+      layer_zero->scatter_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
+      params_whole = {};
+    } else {
+      world.broadcast(model.params_flat().data, size_t(n_params), DType::f32, 0);
+    }
     spdlog::info("initialised from llm.c checkpoint {}", cfg.checkpoint.init_from);
+  } else if (per_layer) {
+    layer_zero->init_weights(cfg.train.seed);  // the same values, each rank keeping its shards
   } else {
     model.init_weights(cfg.train.seed);
   }
@@ -250,11 +282,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   spdlog::info("layout: {} ranks = DP {} x SP {}; micro-batch {} x {} tokens ({} per rank), {} micro-steps, "
                "{} tokens per step; {} threads per rank",
                mpi.world_size, DP, P, B, N, T, accum, tokens_per_step, omp_get_max_threads());
+  const double param_bytes = double(model.params_padded().bytes()) + (per_layer ? layer_zero->parameter_bytes() : 0);
+  const double grad_bytes = double(model.grads_padded().bytes()) + (per_layer ? layer_zero->gradient_bytes() : 0);
+  const double state_bytes = per_layer ? double(layer_zero->state_bytes()) : double(optimizer->shard_size()) * 8;
   spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB (ZeRO {}), "
                "activations {:.1f} MiB (recompute {}, tile_tokens {})",
-               n_params * 4 / 1048576.0, n_params * 4 / 1048576.0, double(optimizer.shard_size()) * 8 / 1048576.0,
-               cfg.parallel.zero_stage, model.activation_bytes() / 1048576.0, cfg.runtime.recompute,
-               cfg.runtime.tile_tokens);
+               param_bytes / 1048576.0, grad_bytes / 1048576.0, state_bytes / 1048576.0, zero_stage,
+               model.activation_bytes() / 1048576.0, cfg.runtime.recompute, cfg.runtime.tile_tokens);
 
   std::unique_ptr<MetricsWriter> metrics;
   if (!cfg.logging.metrics_file.empty())
@@ -270,12 +304,19 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     const auto state_buffers = whole_state(world.rank() == 0);
     float* m = state_buffers.first;
     float* v = state_buffers.second;
-    if (sharded) optimizer.gather_state(m, v);  // collective
+    if (per_layer) {  // collective
+      if (world.rank() == 0) params_whole.resize(size_t(n_params));
+      layer_zero->gather_full(params_whole.data(), m, v, /*with_state=*/true);
+    } else if (sharded) {
+      optimizer->gather_state(m, v);  // collective
+    }
     on_root(world, [&] {
-      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state, model.params_flat().f32(), m, v,
+      const std::string path = save_checkpoint(cfg.checkpoint.dir, cfg, shape, state,
+                                               per_layer ? params_whole.data() : model.params_flat().f32(), m, v,
                                                n_params);
       spdlog::info("saved checkpoint {}", path);
     });
+    params_whole = {};
   };
 
   const auto run_start = Clock::now();
@@ -288,6 +329,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     if (groups.sequence) groups.sequence->counters().reset();
 
     model.zero_grad();
+    if (per_layer) layer_zero->zero_grad();
     double sums[2] = {0, 0};  // loss sum, token count over this rank's micro-batches
     for (int k = 0; k < accum; ++k) {
       train_data.next(tok.data(), tgt.data(), pos.data());
@@ -303,7 +345,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       model.grads_flat().f32()[0] = std::numeric_limits<float>::quiet_NaN();
     // every rank holds the same parameters and saw different tokens: sum over DP × SP (all-reduce,
     // or reduce-scatter into this rank's shard with ZeRO 2) and the norm of the sum
-    const double grad_squares = optimizer.reduce_gradients(model.context(), model.grads_padded());
+    const double grad_squares = per_layer ? layer_zero->reduce_gradients()
+                                          : optimizer->reduce_gradients(model.context(), model.grads_padded());
     world.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
     const double tokens = std::max(1.0, sums[1]);
     const double loss = sums[0] / tokens;
@@ -328,8 +371,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     } else {
       state.skipped_in_a_row = 0;
       const double clip = cfg.train.grad_clip > 0 && grad_norm > cfg.train.grad_clip ? cfg.train.grad_clip / grad_norm : 1.0;
-      optimizer.update(model.context(), model.params_padded(), model.grads_padded(), float(lr), float(clip / tokens),
-                       step + 1);
+      if (per_layer)
+        layer_zero->update(float(lr), float(clip / tokens), step + 1);
+      else
+        optimizer->update(model.context(), model.params_padded(), model.grads_padded(), float(lr),
+                          float(clip / tokens), step + 1);
     }
     m.step_ms = ms_since(t0);
     m.tokens_per_second = double(tokens_per_step) / (m.step_ms / 1000.0);
@@ -373,10 +419,17 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     }
   }
   if (first_step < cfg.train.max_steps) save(cfg.train.max_steps);
+  // At ZeRO 3 no rank holds the whole parameters: gather them on rank 0 for the export and the
+  // sample (which then runs on a whole P = 1 copy)
+  const bool gather_whole = zero_stage == 3 && (!cfg.checkpoint.export_llmc.empty() || cfg.train.sample_tokens > 0);
+  if (gather_whole) {
+    if (world.rank() == 0) params_whole.resize(size_t(n_params));
+    layer_zero->gather_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
+  }
+  const float* final_params = gather_whole ? params_whole.data() : model.params_flat().f32();
   if (!cfg.checkpoint.export_llmc.empty()) {
     on_root(world, [&] {
-      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), model.params_flat().f32(),
-                            size_t(n_params));
+      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), final_params, size_t(n_params));
       spdlog::info("exported llm.c checkpoint {}", cfg.checkpoint.export_llmc);
     });
   }
@@ -388,8 +441,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
         tokenizer = std::make_unique<GPT2Tokenizer>(cfg.data.tokenizer_dir);
       else
         tokenizer = std::make_unique<ByteTokenizer>();
+      std::optional<GPT> whole;
+      if (gather_whole) {
+        whole.emplace(cfg.model, GPTRunShape{1, 1, 1, 0}, Device::cpu, nullptr);
+        std::memcpy(whole->params_flat().data, final_params, size_t(n_params) * 4);
+      }
       spdlog::info("sample ({} tokens, temperature {}):\n{}", cfg.train.sample_tokens, cfg.train.sample_temperature,
-                   sample(cfg, model, *tokenizer));
+                   sample(cfg, whole ? *whole : model, *tokenizer));
     });
   }
   return 0;

@@ -16,8 +16,8 @@ int64_t ZeroAdamW::padded_count(int64_t n, int world_size) {
 ZeroAdamW::ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, Communicator& world, Device device)
     : cfg_(cfg), specs_(parameter_specs(shape)), stage_(stage), world_(world), arena_("optimizer", device) {
   if (stage < 0 || stage > 2)
-    throw_user_error("parallel.zero_stage = {}: stages 0, 1 and 2 are implemented (3, parameters sharded and "
-                     "all-gathered per layer, is not yet); use 2 for the smallest optimizer and gradient footprint",
+    throw_user_error("parallel.zero_stage = {}: ZeroAdamW shards the flat buffers (stages 0, 1, 2); stage 3 "
+                     "shards per layer (LayerShardedZero, core/zero3.h)",
                      stage);
   n_ = num_parameters(shape);
   const int W = world.size();

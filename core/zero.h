@@ -8,11 +8,13 @@
 //            all_gather the parameters
 //   stage 2  reduce_scatter(sum) the gradients straight into a shard [S]; the grad norm is the
 //            all_reduce of the shards' squared sums (one scalar); update the shard, all_gather
-//   stage 3  (parameters sharded, all-gathered per layer) is not implemented: UserError
 // Weight decay stays per tensor: a shard crosses tensor boundaries, so the update walks the
 // parameter tensors and runs AdamW on each one's intersection with the shard.
-// On the CPU the full gradient buffer still exists during backward (the model accumulates into
-// it); stage 2 saves the all-reduce's second half and the m, v of the other shards, not that buffer.
+// The trainer runs stages 0 and 1 here. Stages 2 and 3 run per layer (LayerShardedZero,
+// core/zero3.h: gradients reduce-scattered as each layer's backward ends, so no full gradient
+// buffer exists; at 3 also the parameters sharded). Stage 2 here, on the whole gradient buffer
+// after backward, is the flat-buffer variant (it saves optimizer memory and traffic, not the
+// gradient buffer); tests compare both against stage 0.
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -2,8 +2,10 @@
 // GB/s (memory-bound ops, counting the bytes each op must move at least once) or TFLOP/s
 // (matmul, attention), next to the ceilings measured in the same run: device-to-device copy
 // bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLASLt bf16 GEMM at 8192^3.
-// Attention: causal, head dim 128, N = 4K, 16K, 64K; FLOPs counted as in FlashAttention:
-// forward 4*B*H*N^2*d / 2 (causal half), backward 2.5x the forward.
+// Attention: causal, head dim 128, N = 4K, 16K, 64K, the flash kernels and cuDNN's fused SDPA
+// (runtime.attention = cudnn) on the same inputs; FLOPs counted as in FlashAttention: forward
+// 4*B*H*N^2*d / 2 (causal half), backward 2.5x the forward. The `attention fwd+bwd` line gives
+// both and the ratio flash/cuDNN (target >= 0.6).
 //   bench_cuda [--quick]      (--quick: fewer repetitions, attention up to 16K only)
 // Output: one line per op; the last lines `ceiling ...` and `attention ...` are what
 // scripts/device/check.sh summarises.
@@ -13,9 +15,11 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/attention_cudnn.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/cuda/cuda_test_util.h"
 
@@ -190,7 +194,14 @@ int main(int argc, char** argv) {
     ms = time_ms([&] { cuda::ulysses_unpack_sequence(dst.get(), src.get(), DType::bf16, P, Bq, Tq / P, Htot, dq, s); }, reps);
     report_bw(c, "ulysses_unpack_sequence", "T=8192 H=48 d=128 P=4", ms, 2 * 2.0 * n);
   }
-  {  // attention, causal, d = 128
+  {  // attention, causal, d = 128: the flash kernels and cuDNN's fused SDPA on the same inputs
+    std::unique_ptr<cuda::CudnnAttention> cudnn;
+    std::string cudnn_error;
+    try {
+      cudnn = std::make_unique<cuda::CudnnAttention>();
+    } catch (const std::exception& e) {
+      cudnn_error = e.what();
+    }
     std::vector<int> lengths = {4096, 16384, 65536};
     if (quick) lengths.pop_back();
     for (int N : lengths) {
@@ -208,7 +219,25 @@ int main(int argc, char** argv) {
       const std::string sh = "N=" + std::to_string(N) + " H=" + std::to_string(Hq) + " d=128";
       report_flops(c, "attention_forward", sh, fwd_ms, fwd_flops);
       report_flops(c, "attention_backward", sh, bwd_ms, 2.5 * fwd_flops);
-      std::printf("attention fwd+bwd N=%d %.1f TFLOP/s\n", N, 3.5 * fwd_flops / ((fwd_ms + bwd_ms) * 1e-3) / 1e12);
+      const double flash_tf = 3.5 * fwd_flops / ((fwd_ms + bwd_ms) * 1e-3) / 1e12;
+      // cuDNN SDPA (the first calls build and compile its plans; time_ms's warm-up absorbs them)
+      std::string cudnn_part = "  cudnn unavailable: " + cudnn_error;
+      if (cudnn) {
+        try {
+          const double cfwd_ms = time_ms([&] { cudnn->forward(out.get(), lse.get(), qkv.get(), Ba, N, Hq, Hkv, dh, s); }, r);
+          const double cbwd_ms = time_ms([&] { cudnn->backward(dqkv.get(), dout.get(), qkv.get(), out.get(), lse.get(), Ba, N, Hq, Hkv, dh, s); }, r);
+          report_flops(c, "attention_forward cudnn", sh, cfwd_ms, fwd_flops);
+          report_flops(c, "attention_backward cudnn", sh, cbwd_ms, 2.5 * fwd_flops);
+          const double cudnn_tf = 3.5 * fwd_flops / ((cfwd_ms + cbwd_ms) * 1e-3) / 1e12;
+          char buf[160];
+          std::snprintf(buf, sizeof buf, "  cudnn %.1f TFLOP/s  flash/cudnn %.2f (target >= 0.6)", cudnn_tf,
+                        flash_tf / cudnn_tf);
+          cudnn_part = buf;
+        } catch (const std::exception& e) {
+          cudnn_part = std::string("  cudnn failed: ") + e.what();
+        }
+      }
+      std::printf("attention fwd+bwd N=%d %.1f TFLOP/s%s\n", N, flash_tf, cudnn_part.c_str());
     }
   }
   CUDA_CHECK(cudaDeviceSynchronize());

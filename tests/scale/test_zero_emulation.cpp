@@ -22,9 +22,11 @@
 #include "core/emulate.h"
 #include "core/gpt.h"
 #include "core/zero.h"
+#include "tests/scale/zero_test_util.h"
 #include "tests/test_util.h"
 
 using namespace ulysses;
+using ulysses::test::rank_tokens;
 
 namespace {
 
@@ -43,20 +45,6 @@ ModelConfig zero_model() {
   m.max_seq_len = 32;
   m.position_embedding = "rope";
   return m;
-}
-
-// this rank's tokens of global sequence `s` (the same sequence on every rank of an SP group)
-void rank_tokens(int64_t s, int N, int V, int P, int sp_rank, std::vector<int32_t>& tok, std::vector<int32_t>& tgt,
-                 std::vector<int32_t>& pos) {
-  std::mt19937 rng(uint32_t(500 + s));
-  std::vector<int32_t> t(size_t(N) + 1);
-  for (auto& x : t) x = int32_t(rng() % uint32_t(V));
-  const int T = N / P;
-  for (int i = sp_rank * T; i < (sp_rank + 1) * T; ++i) {
-    tok.push_back(t[size_t(i)]);
-    tgt.push_back(t[size_t(i) + 1]);
-    pos.push_back(i);
-  }
 }
 
 struct ZeroRun {

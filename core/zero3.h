@@ -1,0 +1,140 @@
+// ZeRO stages 2 and 3 per layer, over the whole DP × SP world of W ranks (every rank holds the
+// same model and each saw different tokens): gradients reduce-scattered layer by layer as soon
+// as the layer's backward is done (stages 2 and 3), and at stage 3 the layer parameters sharded
+// at rest and all-gathered per layer just before the layer runs. No full-size layer gradient
+// buffer exists at either stage, and no full-size layer parameter buffer at stage 3.
+//
+// Layout. Each layer's 12 tensors (LayerTensors, llm.c order) form one layer block; each tensor
+// starts at a multiple of kAlign elements in it, and the block is padded with zeros to W · S
+// (S, the shard, also a multiple of kAlign). Rank r owns [r·S, (r+1)·S) of every layer's block:
+//   master [L, S] fp32, m [L, S], v [L, S], gradient shard [L, S] (fp32)
+//   compute shard [L, S] in the model's parameter dtype (on the CPU fp32: the master itself;
+//     on the GPU the bf16 copy that adamw_update's param_lowp writes)
+//   stage 3: two layer buffers [W·S] (compute dtype), used alternately: layer l lives in
+//     buffer l % 2, so the gather of the next layer (l + 1 in forward, l - 1 in backward) can
+//     run while layer l computes; stage 2: one, used only to publish updated parameters
+//   one layer gradient buffer [W·S] (fp32) that the model's backward accumulates layer l into,
+//     and the reduce-scatter's receive buffer [S]
+// The non-layer tensors (wte, wpe, lnfw, lnfb: the "rest") stay whole in the model on every rank,
+// parameters and gradients (GPTRunShape::sharded_layer_*), as a contiguous block padded to W · R;
+// their master, m, v and summed gradient are sharded ([R] per rank) as at ZeRO 2.
+//
+// One optimizer step (the trainer):
+//   zero_grad; per micro-batch: forward (before_forward(l): gather l, prefetch l + 1), backward
+//   (before_backward(l): gather l, prefetch l - 1, zero the layer gradient buffer;
+//   after_backward(l): reduce_scatter(sum) it and add this rank's part to the gradient shard l);
+//   reduce_gradients: reduce_scatter the rest's gradient, the squared norm of all shards (one
+//   scalar all_reduce); update: AdamW on this rank's shards (weight decay per tensor, across
+//   shard boundaries), then publish: stage 3 marks the layer buffers stale (the next forward
+//   gathers), stage 2 all-gathers each layer into the model's whole parameters; the rest is
+//   all-gathered into the model at both stages.
+// On the CPU/MPI backend every collective blocks, so the prefetch only means the buffer scheme;
+// on the GPU the gathers are meant for a second stream, ordered with events (buffer free /
+// gathered). Until then the world communicator must enqueue on the model context's stream
+// (Communicator::set_stream), which orders every collective here with the ops around it.
+//
+// Checkpoints hold the whole parameters, m and v in llm.c order, as at every stage: gather_full
+// collects them on rank 0, scatter_full distributes them, so any stage resumes any other.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/arena.h"
+#include "core/config.h"
+#include "core/gpt.h"
+#include "kernels/ops.h"
+
+namespace ulysses {
+
+// Where everything sits for a model shape on W ranks (also what `ulysses estimate` counts).
+struct LayerShardLayout {
+  static constexpr int64_t kAlign = 64;  // elements: 128 B in bf16, 256 B in fp32
+  int world = 1;
+  std::array<int64_t, kNumLayerTensors> offset{};  // each layer tensor's start in a layer block
+  std::array<int64_t, kNumLayerTensors> numel{};   // its elements (one layer)
+  int64_t shard = 0;                               // S
+  int64_t block() const { return shard * world; }  // W · S, padding included
+  // the rest: wte, wpe, lnfw, lnfb contiguous (ParameterTensors 0, 1, 14, 15)
+  static constexpr std::array<int, 4> kRestTensors = {0, 1, 14, 15};
+  std::array<int64_t, 4> rest_offset{}, rest_numel{};
+  int64_t rest_shard = 0;                                    // R
+  int64_t rest_padded() const { return rest_shard * world; }  // W · R
+  static LayerShardLayout make(const GPTShape& s, int world_size);
+};
+
+class LayerShardedZero : public LayerHooks {
+ public:
+  // model: built with run.sharded_layer_grads (stage 2) or also sharded_layer_params (stage 3)
+  // and run.flat_multiple = W; installs itself as the model's LayerHooks. world: all ranks.
+  LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world);
+  ~LayerShardedZero() override;
+  LayerShardedZero(const LayerShardedZero&) = delete;
+  LayerShardedZero& operator=(const LayerShardedZero&) = delete;
+
+  int stage() const { return stage_; }
+  const LayerShardLayout& layout() const { return lay_; }
+
+  // GPT-2 init (parameter_init_values, the same values as GPT::init_weights): this rank keeps its
+  // shards, then the parameters are published to the model. Collective.
+  void init_weights(uint64_t seed);
+
+  // Zeroes the gradient shards (call with model.zero_grad() at the start of a step).
+  void zero_grad();
+  // After the micro-batches: reduce-scatters the rest's gradient (model.grads_padded()) into its
+  // shard; returns the squared L2 norm of the summed gradient (identical on every rank).
+  double reduce_gradients();
+  // AdamW on this rank's shards, then publish the parameters (see above). As AdamW::update.
+  void update(float lr, float grad_scale, int t);
+
+  // Checkpoints (collective). gather_full: rank 0's params, m, v (n parameters each, llm.c order)
+  // are filled; other ranks pass null; with_state = false gathers the parameters only.
+  // scatter_full: rank 0 passes them (m, v ignored without with_state: then they are zeroed),
+  // every rank keeps its shards and the model gets the parameters. Both use the gradient
+  // buffers as staging: call them between steps.
+  void gather_full(float* params, float* m, float* v, bool with_state);
+  void scatter_full(const float* params, const float* m, const float* v, bool with_state);
+
+  // bytes this rank holds here (beyond the model's own buffers), for the log and the tests
+  size_t parameter_bytes() const;  // master + compute shards + layer buffers
+  size_t gradient_bytes() const;   // gradient shards + layer gradient buffer + receive buffer
+  size_t state_bytes() const;      // m, v
+
+  // LayerHooks
+  void before_forward(int l) override;
+  void before_backward(int l) override;
+  void after_backward(int l) override;
+  LayerTensors layer_params(int l) override;
+  LayerTensors layer_grads(int l) override;
+
+ private:
+  // views of the 12 tensors of one layer block laid out in `block` ([W·S] of any dtype)
+  LayerTensors views(Tensor block) const;
+  void gather_layer(int l);        // into buffer l % 2 unless it holds l already
+  void refresh_compute_shards();   // compute = master (after init / load)
+  void publish();                  // the updated parameters to the model (see above)
+  // this rank's slice [r·S, (r+1)·S) of a [W·S] block, and row l of a [L, S] tensor
+  Tensor own_slice(Tensor block) const;
+  Tensor own_rest_slice(Tensor rest) const;
+
+  TrainConfig cfg_;
+  GPT& model_;
+  int stage_;
+  Communicator& world_;
+  ops::Context& ctx_;
+  std::vector<ParameterSpec> specs_;
+  LayerShardLayout lay_;
+  int L_ = 0;
+  DType param_dtype_ = DType::f32;
+  Arena arena_;
+  Tensor master_, compute_, m_, v_, grad_shard_;          // [L, S]
+  Tensor rest_master_, rest_m_, rest_v_, rest_grad_;      // [R]
+  Tensor rest_compute_;                                   // [R] in param dtype (aliases rest_master_ if fp32)
+  std::array<Tensor, 2> layer_buf_;                       // [W·S] compute dtype (stage 2: one)
+  std::array<int, 2> resident_ = {-1, -1};                // layer held by each buffer
+  Tensor layer_grad_, recv_;                              // [W·S], [S] fp32
+  int grad_layer_ = -1;                                   // layer whose backward is running
+};
+
+}  // namespace ulysses
