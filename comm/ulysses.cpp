@@ -66,7 +66,7 @@ uint64_t ulysses_layer_bytes_sent(const UlyssesHeadPlan& plan, int rank, int B, 
   return bytes;
 }
 
-UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d)
+UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx)
     : seq_(seq), plan_(std::move(plan)), B_(B), T_(T), d_(d), rank_(seq->rank()) {
   ULYSSES_ASSERT(seq->size() == plan_.P, "sequence group of {} ranks, head plan for {}", seq->size(), plan_.P);
   const int P = plan_.P;
@@ -91,6 +91,32 @@ UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B,
     // #2 backward: the reverse.
     add(out_backward_, block * n_q, block * size_t(plan_.out_offsets[p]), block * my_q, block * my_q * p);
   }
+  if (ctx && ctx->device == Device::cuda) {
+    // the four maps as i32 rows (an int64 offset is two i32), copied once to a device arena
+    auto host = [](const auto& v) {
+      const int64_t n = int64_t(v.size() * sizeof(v[0]) / 4);
+      return Tensor(const_cast<void*>(static_cast<const void*>(v.data())), {n}, DType::i32, Device::cpu);
+    };
+    const Tensor src[4] = {host(plan_.qkv_heads), host(plan_.qkv_offsets), host(plan_.out_heads),
+                           host(plan_.out_offsets)};
+    Tensor* dst[4] = {&qkv_heads_dev_, &qkv_offsets_dev_, &out_heads_dev_, &out_offsets_dev_};
+    device_maps_ = Arena("Ulysses head maps", Device::cuda);
+    size_t offsets[4];
+    for (int i = 0; i < 4; ++i) offsets[i] = device_maps_.reserve(src[i].bytes());
+    device_maps_.allocate(/*zero=*/false);
+    for (int i = 0; i < 4; ++i) {
+      *dst[i] = device_maps_.tensor(offsets[i], {src[i].numel()}, DType::i32);
+      ops::copy(*ctx, *dst[i], src[i]);
+    }
+    ops::synchronize(*ctx);  // from pageable host memory: done before anything can change plan_
+  }
+}
+
+UlyssesAllToAll::HeadMaps UlyssesAllToAll::maps() const {
+  if (device_maps_.base() == nullptr)
+    return {plan_.qkv_heads.data(), plan_.qkv_offsets.data(), plan_.out_heads.data(), plan_.out_offsets.data()};
+  return {static_cast<const int32_t*>(qkv_heads_dev_.data), static_cast<const int64_t*>(qkv_offsets_dev_.data),
+          static_cast<const int32_t*>(out_heads_dev_.data), static_cast<const int64_t*>(out_offsets_dev_.data)};
 }
 
 size_t UlyssesAllToAll::scratch_elements() const {
@@ -106,32 +132,36 @@ void UlyssesAllToAll::exchange(const Counts& c, DType t) {
 }
 
 void UlyssesAllToAll::all_to_all_qkv_heads_to_seq(ops::Context& ctx, Tensor qkv_full, Tensor qkv_local) {
+  const HeadMaps m = maps();
   // [B, T, Hq+2Hkv, d] -> P blocks [B, T, n_p, d] -> exchange -> P blocks [B, T, n_me, d] -> [B, N, n_me, d]
-  ops::ulysses_pack_heads(ctx, send_, qkv_local, plan_.qkv_heads.data(), plan_.qkv_offsets.data(), plan_.P);
+  ops::ulysses_pack_heads(ctx, send_, qkv_local, m.qkv_heads, m.qkv_offsets, plan_.P);
   exchange(qkv_forward_, qkv_local.dtype);
   ops::ulysses_unpack_sequence(ctx, qkv_full, recv_, plan_.P);
 }
 
 void UlyssesAllToAll::all_to_all_qkv_seq_to_heads(ops::Context& ctx, Tensor dqkv_local, Tensor dqkv_full) {
+  const HeadMaps m = maps();
   // [B, N, n_me, d] -> P blocks [B, T, n_me, d] -> exchange -> P blocks [B, T, n_p, d] -> sum into [B, T, Hq+2Hkv, d]
   ops::ulysses_pack_sequence(ctx, send_, dqkv_full, plan_.P);
   exchange(qkv_backward_, dqkv_full.dtype);
   ops::fill_zero(ctx, dqkv_local);
-  ops::ulysses_unpack_heads(ctx, dqkv_local, recv_, plan_.qkv_heads.data(), plan_.qkv_offsets.data(), plan_.P,
+  ops::ulysses_unpack_heads(ctx, dqkv_local, recv_, m.qkv_heads, m.qkv_offsets, plan_.P,
                             /*accumulate=*/true);
 }
 
 void UlyssesAllToAll::all_to_all_out_seq_to_heads(ops::Context& ctx, Tensor out_local, Tensor out_full) {
+  const HeadMaps m = maps();
   // [B, N, hq, d] -> P blocks [B, T, hq, d] -> exchange -> P blocks [B, T, nq_p, d] -> [B, T, Hq, d]
   ops::ulysses_pack_sequence(ctx, send_, out_full, plan_.P);
   exchange(out_forward_, out_full.dtype);
-  ops::ulysses_unpack_heads(ctx, out_local, recv_, plan_.out_heads.data(), plan_.out_offsets.data(), plan_.P,
+  ops::ulysses_unpack_heads(ctx, out_local, recv_, m.out_heads, m.out_offsets, plan_.P,
                             /*accumulate=*/false);
 }
 
 void UlyssesAllToAll::all_to_all_out_heads_to_seq(ops::Context& ctx, Tensor dout_full, Tensor dout_local) {
+  const HeadMaps m = maps();
   // [B, T, Hq, d] -> P blocks [B, T, nq_p, d] -> exchange -> P blocks [B, T, hq, d] -> [B, N, hq, d]
-  ops::ulysses_pack_heads(ctx, send_, dout_local, plan_.out_heads.data(), plan_.out_offsets.data(), plan_.P);
+  ops::ulysses_pack_heads(ctx, send_, dout_local, m.out_heads, m.out_offsets, plan_.P);
   exchange(out_backward_, dout_local.dtype);
   ops::ulysses_unpack_sequence(ctx, dout_full, recv_, plan_.P);
 }

@@ -13,11 +13,18 @@
 // key/value heads its query heads use; when a key/value head serves query heads on several ranks
 // (GQA with Hkv < P, or ranges that straddle a group) it is sent to each of them, and its
 // gradients from those ranks are summed on the way back.
+//
+// Devices: the send/recv scratch and the tensors live on the model's device and have its
+// activation dtype (bf16 on cuda); the communicator gets device pointers there (NCCL), on the
+// model's stream (GPT calls Communicator::set_stream). The pack / unpack ops read the head maps
+// on the tensors' device: on cuda this class copies them once, at construction, into a small
+// device arena.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/arena.h"
 #include "kernels/ops.h"
 
 namespace ulysses {
@@ -50,8 +57,10 @@ uint64_t ulysses_layer_bytes_sent(const UlyssesHeadPlan& plan, int rank, int B, 
 class UlyssesAllToAll {
  public:
   // seq: the sequence-parallel communicator (size P). send/recv: scratch of at least
-  // scratch_elements() each, on the model's device. T = N/P local tokens.
-  UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d);
+  // scratch_elements() each, on the model's device. T = N/P local tokens. ctx: the model's
+  // context; on cuda the head maps are copied to the device with it (waits for the copy); null or
+  // cpu: the pack / unpack ops read the plan's host arrays.
+  UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx = nullptr);
   size_t scratch_elements() const;
   void set_scratch(Tensor send, Tensor recv) { send_ = send; recv_ = recv; }
 
@@ -66,7 +75,8 @@ class UlyssesAllToAll {
   void all_to_all_out_heads_to_seq(ops::Context& ctx, Tensor dout_full, Tensor dout_local);
 
   const UlyssesHeadPlan& plan() const { return plan_; }
-  // Tests corrupt the plan (a wrong head permutation) to prove the equivalence test bites.
+  // Tests corrupt the plan (a wrong head permutation) to prove the equivalence test bites (cpu
+  // only: the device copy of the maps is made at construction).
   UlyssesHeadPlan& mutable_plan_for_testing() { return plan_; }
 
  private:
@@ -75,12 +85,24 @@ class UlyssesAllToAll {
     std::vector<size_t> send_counts, send_displs, recv_counts, recv_displs;
   };
   void exchange(const Counts& c, DType t);
+  // the head maps where the pack / unpack ops read them (device arrays on cuda)
+  struct HeadMaps {
+    const int32_t* qkv_heads;
+    const int64_t* qkv_offsets;
+    const int32_t* out_heads;
+    const int64_t* out_offsets;
+  };
+  HeadMaps maps() const;
 
   Communicator* seq_;
   UlyssesHeadPlan plan_;
   int B_, T_, d_, rank_;
   Counts qkv_forward_, qkv_backward_, out_forward_, out_backward_;
   Tensor send_, recv_;
+  // cuda: device copies of plan_'s qkv_heads, qkv_offsets, out_heads, out_offsets (the int64
+  // offsets held as pairs of i32, a byte copy); empty on cpu
+  Arena device_maps_;
+  Tensor qkv_heads_dev_, qkv_offsets_dev_, out_heads_dev_, out_offsets_dev_;
 };
 
 }  // namespace ulysses

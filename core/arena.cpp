@@ -76,7 +76,10 @@ void Arena::zero() {
     return;
   }
 #ifdef ULYSSES_CUDA
+  // cudaMemset runs on the default stream and may return before it is done: wait, so work on
+  // any other stream sees zeros (zero() runs at set-up only, never in the step)
   cudaError_t e = cudaMemset(base_, 0, size_);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
   if (e != cudaSuccess)
     throw std::runtime_error(fmt::format("arena '{}': cudaMemset failed: {}", name_, cudaGetErrorString(e)));
 #endif

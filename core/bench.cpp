@@ -86,6 +86,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   Communicator* seq = emulated ? emulated_seq.get() : groups.sequence.get();
   const Recompute recompute = parse_recompute(cfg.runtime.recompute);
   GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens, recompute}, device, seq);
+  model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
   ops::Context& ctx = model.context();
   groups.set_stream(ctx.stream());
   model.init_weights(cfg.train.seed);

@@ -1,4 +1,5 @@
-// GPT forward and backward for one rank of a DP × SP layout (see core/gpt.h).
+// GPT forward and backward for one rank of a DP × SP layout, on cpu (fp32) or cuda (bf16
+// compute, fp32 master weights and gradients); see core/gpt.h.
 #include "core/gpt.h"
 
 #include <cmath>
@@ -6,6 +7,11 @@
 #include <random>
 
 #include "core/error.h"
+#ifdef ULYSSES_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
 
@@ -60,6 +66,37 @@ int64_t flops_per_token(const GPTShape& s, int N, bool causal_halved) {
   const int64_t attention = 12ll * s.L * s.C * N;
   return 6 * matmul_params + (causal_halved ? attention / 2 : attention);
 }
+
+namespace {
+
+// The 16 parameter tensors as views of a flat buffer of any dtype (llm.c order). Without
+// with_layers the flat buffer holds only the non-layer tensors (wte, wpe, lnfw, lnfb) and the
+// 12 layer tensors get their shapes but no data (sharded layers, core/zero3.h).
+ParameterTensors carve_parameters(const Tensor& flat, const std::vector<ParameterSpec>& specs,
+                                  bool with_layers = true) {
+  ParameterTensors out;
+  int64_t off = 0;
+  for (int i = 0; i < kNumParameterTensors; ++i) {
+    const bool stored = with_layers || i < kFirstLayerTensor || i >= kFirstLayerTensor + kNumLayerTensors;
+    Tensor t = flat;
+    t.data = stored ? static_cast<char*>(flat.data) + size_t(off) * dtype_size(flat.dtype) : nullptr;
+    t.ndim = int(specs[size_t(i)].shape.size());
+    for (int k = 0; k < t.ndim; ++k) t.shape[k] = specs[size_t(i)].shape[size_t(k)];
+    out.t[size_t(i)] = t;
+    if (stored) off += specs[size_t(i)].numel();
+  }
+  return out;
+}
+
+// Zeroes an allocated arena on the context's stream. The arenas are allocated unzeroed and
+// zeroed here because Arena::zero's cudaMemset runs on the legacy default stream, which the
+// model's non-blocking stream does not wait for.
+void zero_arena(ops::Context& ctx, const Arena& arena) {
+  if (arena.bytes() == 0) return;
+  ops::fill_zero(ctx, Tensor(arena.base(), {int64_t(arena.bytes() / 4)}, DType::f32, arena.device()));
+}
+
+}  // namespace
 
 Tensor layer_slice(const Tensor& stacked, int l) {
   Tensor t = stacked.rows(l, 1);
@@ -119,6 +156,8 @@ struct GPT::Layer {
   Tensor residual3;                 // [B*T, C]  the block's output
 };
 
+// dtypes: the activation dtype (f32 on cpu, bf16 on cuda) unless marked; LayerNorm mean / rstd
+// and lse f32 on both.
 struct GPT::Activations {
   Tensor tokens, targets, positions;     // [B*T] i32
   Tensor encoded;                        // [B*T, C]
@@ -126,8 +165,9 @@ struct GPT::Activations {
   Layer work;                            // full recompute: the one layer workspace
   Tensor ln_work;                        // selective: LayerNorm outputs of every layer, [B*T, C]
   Tensor lnf, lnf_mean, lnf_rstd;        // [B*T, C], [B*T], [B*T]
-  Tensor losses;                         // [B*T]
+  Tensor losses;                         // [B*T] f32
   Tensor logits;                         // [lm_head_chunk, Vp]
+  Tensor logits_row;                     // [Vp] f32, cuda only: forward_logits' row cast to fp32
   // scratch
   Tensor qkv_local, dqkv_local;          // [B, T, Hq+2Hkv, d] (P > 1)
   Tensor dqkv_full, datt_full;           // [B, N, hq+2hkv, d], [B, N, hq, d]
@@ -143,14 +183,17 @@ struct GPT::Activations {
 //   full:      only residual3 per layer; the rest of every Layer is `work`
 // Reserves into `arena` (which is not allocated here); `slots` gets the (view, offset) pairs the
 // constructor turns into tensors, `list` the description the memory estimate reads.
-void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Activations& A,
-                  Arena& arena, std::vector<ActivationBuffer>* list, std::vector<std::pair<Tensor*, size_t>>* slots) {
+void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Device device,
+                  Activations& A, Arena& arena, std::vector<ActivationBuffer>* list,
+                  std::vector<std::pair<Tensor*, size_t>>* slots) {
   const int B = run.B, N = run.N, P = run.P, C = s.C, d = s.d;
   const int64_t BT = run.rows(), chunk = run.mlp_chunk();
   const int Htot = s.qkv_heads(), hloc = hq + 2 * hkv;
   const Recompute rc = run.recompute;
+  // act: activations, their gradients and the all-to-all scratch; f32: statistics and losses
+  const DType act = device == Device::cuda ? DType::bf16 : DType::f32, f32 = DType::f32, i32 = DType::i32;
   auto want = [&](Tensor& t, const char* name, const char* kind, int layer, std::initializer_list<int64_t> dims,
-                  DType dt = DType::f32) {
+                  DType dt) {
     ActivationBuffer b{name, kind, layer, std::vector<int64_t>(dims), dt, 0};
     int64_t n = 1;
     for (int64_t v : dims) n *= v;
@@ -163,97 +206,137 @@ void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, si
     if (slots) slots->push_back({&t, off});
     if (list) list->push_back(std::move(b));
   };
-  want(A.tokens, "tokens", "inputs", -1, {BT}, DType::i32);
-  want(A.targets, "targets", "inputs", -1, {BT}, DType::i32);
-  want(A.positions, "positions", "inputs", -1, {BT}, DType::i32);
-  want(A.encoded, "encoded", "layer", -1, {BT, C});
+  want(A.tokens, "tokens", "inputs", -1, {BT}, i32);
+  want(A.targets, "targets", "inputs", -1, {BT}, i32);
+  want(A.positions, "positions", "inputs", -1, {BT}, i32);
+  want(A.encoded, "encoded", "layer", -1, {BT, C}, act);
   A.layers.assign(size_t(s.L), Layer{});
   // the shared buffers first: fields below that are not per layer alias them
   Layer& w = A.work;
   if (rc == Recompute::full) {
-    want(w.ln1, "ln1/ln2", "recompute", -1, {BT, C});
-    want(w.ln1_mean, "ln1_mean", "recompute", -1, {BT});
-    want(w.ln1_rstd, "ln1_rstd", "recompute", -1, {BT});
-    want(w.qkv_full, "qkv", "recompute", -1, {B, N, hloc, d});
-    want(w.att_full, "att", "recompute", -1, {B, N, hq, d});
-    want(w.lse, "lse", "recompute", -1, {B, hq, N});
-    if (P > 1) want(w.att, "att_local", "recompute", -1, {BT, C});
-    want(w.residual2, "residual2", "recompute", -1, {BT, C});
+    want(w.ln1, "ln1/ln2", "recompute", -1, {BT, C}, act);
+    want(w.ln1_mean, "ln1_mean", "recompute", -1, {BT}, f32);
+    want(w.ln1_rstd, "ln1_rstd", "recompute", -1, {BT}, f32);
+    want(w.qkv_full, "qkv", "recompute", -1, {B, N, hloc, d}, act);
+    want(w.att_full, "att", "recompute", -1, {B, N, hq, d}, act);
+    want(w.lse, "lse", "recompute", -1, {B, hq, N}, f32);
+    if (P > 1) want(w.att, "att_local", "recompute", -1, {BT, C}, act);
+    want(w.residual2, "residual2", "recompute", -1, {BT, C}, act);
     w.ln2 = w.ln1;
-    want(w.ln2_mean, "ln2_mean", "recompute", -1, {BT});
-    want(w.ln2_rstd, "ln2_rstd", "recompute", -1, {BT});
+    want(w.ln2_mean, "ln2_mean", "recompute", -1, {BT}, f32);
+    want(w.ln2_rstd, "ln2_rstd", "recompute", -1, {BT}, f32);
   } else if (rc == Recompute::selective) {
-    want(A.ln_work, "ln1/ln2", "recompute", -1, {BT, C});
+    want(A.ln_work, "ln1/ln2", "recompute", -1, {BT, C}, act);
   }
   const bool shared_mlp = rc != Recompute::none || run.mlp_tiled();
   if (shared_mlp) {
     // tiled: one chunk, recomputed per chunk in backward; full: one layer's worth
-    if (run.mlp_tiled() || rc == Recompute::full) want(w.fch, "fch", "recompute", -1, {chunk, 4 * C});
-    want(w.fch_gelu, "fch_gelu", "recompute", -1, {chunk, 4 * C});
+    if (run.mlp_tiled() || rc == Recompute::full) want(w.fch, "fch", "recompute", -1, {chunk, 4 * C}, act);
+    want(w.fch_gelu, "fch_gelu", "recompute", -1, {chunk, 4 * C}, act);
   }
   for (int l = 0; l < s.L; ++l) {
     Layer& a = A.layers[size_t(l)];
     if (rc == Recompute::full) {
       a = w;
-      want(a.residual3, "residual3", "layer", l, {BT, C});
+      want(a.residual3, "residual3", "layer", l, {BT, C}, act);
       continue;
     }
     if (rc == Recompute::selective) {
       a.ln1 = a.ln2 = A.ln_work;
     } else {
-      want(a.ln1, "ln1", "layer", l, {BT, C});
+      want(a.ln1, "ln1", "layer", l, {BT, C}, act);
     }
-    want(a.ln1_mean, "ln1_mean", "attention_stats", l, {BT});
-    want(a.ln1_rstd, "ln1_rstd", "attention_stats", l, {BT});
-    want(a.qkv_full, "qkv", "layer", l, {B, N, hloc, d});
-    want(a.att_full, "att", "layer", l, {B, N, hq, d});
-    want(a.lse, "lse", "attention_stats", l, {B, hq, N});
-    if (P > 1) want(a.att, "att_local", "layer", l, {BT, C});
-    want(a.residual2, "residual2", "layer", l, {BT, C});
-    if (rc != Recompute::selective) want(a.ln2, "ln2", "layer", l, {BT, C});
-    want(a.ln2_mean, "ln2_mean", "attention_stats", l, {BT});
-    want(a.ln2_rstd, "ln2_rstd", "attention_stats", l, {BT});
+    want(a.ln1_mean, "ln1_mean", "attention_stats", l, {BT}, f32);
+    want(a.ln1_rstd, "ln1_rstd", "attention_stats", l, {BT}, f32);
+    want(a.qkv_full, "qkv", "layer", l, {B, N, hloc, d}, act);
+    want(a.att_full, "att", "layer", l, {B, N, hq, d}, act);
+    want(a.lse, "lse", "attention_stats", l, {B, hq, N}, f32);
+    if (P > 1) want(a.att, "att_local", "layer", l, {BT, C}, act);
+    want(a.residual2, "residual2", "layer", l, {BT, C}, act);
+    if (rc != Recompute::selective) want(a.ln2, "ln2", "layer", l, {BT, C}, act);
+    want(a.ln2_mean, "ln2_mean", "attention_stats", l, {BT}, f32);
+    want(a.ln2_rstd, "ln2_rstd", "attention_stats", l, {BT}, f32);
     if (run.mlp_tiled()) {
       a.fch = w.fch;
     } else {
-      want(a.fch, "fch", "layer", l, {BT, 4 * C});
+      want(a.fch, "fch", "layer", l, {BT, 4 * C}, act);
     }
     if (shared_mlp) {
       a.fch_gelu = w.fch_gelu;
     } else {
-      want(a.fch_gelu, "fch_gelu", "layer", l, {BT, 4 * C});
+      want(a.fch_gelu, "fch_gelu", "layer", l, {BT, 4 * C}, act);
     }
-    want(a.residual3, "residual3", "layer", l, {BT, C});
+    want(a.residual3, "residual3", "layer", l, {BT, C}, act);
   }
-  want(A.lnf, "lnf", "lm_head", -1, {BT, C});
-  want(A.lnf_mean, "lnf_mean", "lm_head", -1, {BT});
-  want(A.lnf_rstd, "lnf_rstd", "lm_head", -1, {BT});
-  want(A.losses, "losses", "lm_head", -1, {BT});
-  want(A.logits, "logits", "lm_head", -1, {run.lm_head_chunk(), s.Vp});
+  want(A.lnf, "lnf", "lm_head", -1, {BT, C}, act);
+  want(A.lnf_mean, "lnf_mean", "lm_head", -1, {BT}, f32);
+  want(A.lnf_rstd, "lnf_rstd", "lm_head", -1, {BT}, f32);
+  want(A.losses, "losses", "lm_head", -1, {BT}, f32);
+  want(A.logits, "logits", "lm_head", -1, {run.lm_head_chunk(), s.Vp}, act);
+  if (device == Device::cuda) want(A.logits_row, "logits_row", "lm_head", -1, {s.Vp}, f32);
   if (P > 1) {
-    want(A.qkv_local, "qkv_local", "comm", -1, {B, run.T(), Htot, d});
-    want(A.dqkv_local, "dqkv_local", "comm", -1, {B, run.T(), Htot, d});
-    want(A.sp_send, "all_to_all_send", "comm", -1, {int64_t(sp_scratch)});
-    want(A.sp_recv, "all_to_all_recv", "comm", -1, {int64_t(sp_scratch)});
+    want(A.qkv_local, "qkv_local", "comm", -1, {B, run.T(), Htot, d}, act);
+    want(A.dqkv_local, "dqkv_local", "comm", -1, {B, run.T(), Htot, d}, act);
+    want(A.sp_send, "all_to_all_send", "comm", -1, {int64_t(sp_scratch)}, act);
+    want(A.sp_recv, "all_to_all_recv", "comm", -1, {int64_t(sp_scratch)}, act);
   }
-  want(A.dqkv_full, "dqkv", "backward", -1, {B, N, hloc, d});
-  want(A.datt_full, "datt", "backward", -1, {B, N, hq, d});
-  want(A.dres, "dresidual", "backward", -1, {BT, C});
-  want(A.dlnf, "dlnf", "backward", -1, {BT, C});
-  want(A.dln, "dln", "backward", -1, {BT, C});
-  if (P > 1) want(A.datt, "datt_local", "backward", -1, {BT, C});
-  want(A.dfch_gelu, "dfch_gelu", "backward", -1, {chunk, 4 * C});
-  want(A.dfch, "dfch", "backward", -1, {chunk, 4 * C});
+  want(A.dqkv_full, "dqkv", "backward", -1, {B, N, hloc, d}, act);
+  want(A.datt_full, "datt", "backward", -1, {B, N, hq, d}, act);
+  want(A.dres, "dresidual", "backward", -1, {BT, C}, act);
+  want(A.dlnf, "dlnf", "backward", -1, {BT, C}, act);
+  want(A.dln, "dln", "backward", -1, {BT, C}, act);
+  if (P > 1) want(A.datt, "datt_local", "backward", -1, {BT, C}, act);
+  want(A.dfch_gelu, "dfch_gelu", "backward", -1, {chunk, 4 * C}, act);
+  want(A.dfch, "dfch", "backward", -1, {chunk, 4 * C}, act);
 }
 
 std::vector<ActivationBuffer> GPT::activation_layout(const GPTShape& s, const GPTRunShape& run, int hq, int hkv,
-                                                     size_t sp_scratch_elements) {
+                                                     size_t sp_scratch_elements, Device device) {
   Activations A;
   Arena arena("activations (layout only)", Device::cpu);  // reserve() only: nothing is allocated
   std::vector<ActivationBuffer> list;
-  lay_out(s, run, hq, hkv, sp_scratch_elements, A, arena, &list, nullptr);
+  lay_out(s, run, hq, hkv, sp_scratch_elements, device, A, arena, &list, nullptr);
   return list;
 }
+
+void GPT::check_cuda_shape(const ModelConfig& m, bool cudnn_attention) {
+  const int qkv_width = (m.n_head + 2 * m.kv_heads()) * m.head_dim();
+  if (m.n_embd % 8 != 0)
+    throw_user_error("model.n_embd = {}: runtime.device cuda needs a multiple of 8 (16-byte bf16 rows for cuBLASLt)",
+                     m.n_embd);
+  if (qkv_width % 8 != 0)
+    throw_user_error("model.n_head / model.n_kv_head: the qkv width (n_head + 2 n_kv_head) * head_dim = ({} + 2 * {}) "
+                     "* {} = {} must be a multiple of 8 on runtime.device cuda",
+                     m.n_head, m.kv_heads(), m.head_dim(), qkv_width);
+  if (!cudnn_attention && m.head_dim() != 64 && m.head_dim() != 128)
+    throw_user_error("model.n_embd / model.n_head: head_dim = {} / {} = {}, but the flash attention kernels of "
+                     "runtime.device cuda take head_dim 64 or 128 (runtime.attention: cudnn takes others)",
+                     m.n_embd, m.n_head, m.head_dim());
+}
+
+// Page-locked host memory for the three int32 input rows [3, B*T] (tokens, targets, positions),
+// so their host -> device copies are asynchronous. Allocated once, in the constructor. A slot is
+// rewritten only by the next micro-batch, which starts after the previous one's loss sum has
+// synchronised the stream (so the previous copy out of it has finished).
+struct GPT::HostStaging {
+  int32_t* data = nullptr;
+  int64_t row = 0;  // B*T
+  explicit HostStaging(int64_t rows) : row(rows) {
+#ifdef ULYSSES_CUDA
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&data), size_t(3 * rows) * 4, cudaHostAllocDefault));
+#else
+    throw std::runtime_error("pinned host memory, but ulysses was built without CUDA");
+#endif
+  }
+  ~HostStaging() {
+#ifdef ULYSSES_CUDA
+    if (data) cudaFreeHost(data);  // not checked: destructors must not throw
+#endif
+  }
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+  Tensor slot(int i) const { return Tensor(data + i * row, {row}, DType::i32, Device::cpu); }
+};
 
 GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* seq, GPT* shared_params)
     : shape_(GPTShape::from(cfg)),
@@ -261,9 +344,11 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
       run_(run),
       device_(device),
       seq_(run.P > 1 ? seq : nullptr),
-      param_arena_("parameters", device),
+      param_arena_(device == Device::cuda ? "parameters (fp32 master)" : "parameters", device),
+      compute_arena_("parameters (bf16 compute copy)", device),
       grad_arena_("gradients", device),
       act_arena_("activations", device) {
+  if (device == Device::cuda) check_cuda_shape(cfg, /*cudnn_attention=*/true);  // head_dim: in forward
   ctx_ = ops::Context(device);
   if (seq_) seq_->set_stream(ctx_.stream());
   const GPTShape& s = shape_;
@@ -275,30 +360,22 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
 
   // -- parameters and gradients: one buffer each, llm.c order. With sharded layers (ZeRO 2 / 3,
   //    core/zero3.h) a buffer holds only the non-layer tensors wte, wpe, lnfw, lnfb, and the
-  //    layer tensors keep their shapes but no data.
+  //    layer tensors keep their shapes but no data. Every arena is allocated unzeroed and zeroed
+  //    on ctx_'s stream (zero_arena), so later ops on the stream see the zeros.
   const auto specs = parameter_specs(s);
   const int64_t n_params = num_parameters(s);
   ULYSSES_ASSERT(!run.sharded_layer_params || run.sharded_layer_grads, "sharded layer parameters need sharded gradients");
   int64_t n_layer_tensors = 0;
   for (int k = 0; k < kNumLayerTensors; ++k) n_layer_tensors += specs[size_t(kFirstLayerTensor + k)].numel();
-  auto carve = [&](Tensor flat, ParameterTensors& out, bool with_layers) {
-    int64_t off = 0;
-    for (int i = 0; i < kNumParameterTensors; ++i) {
-      const bool stored = with_layers || i < kFirstLayerTensor || i >= kFirstLayerTensor + kNumLayerTensors;
-      Tensor t = flat;
-      t.data = stored ? static_cast<float*>(flat.data) + off : nullptr;
-      t.ndim = int(specs[i].shape.size());
-      for (int k = 0; k < t.ndim; ++k) t.shape[k] = specs[i].shape[k];
-      out.t[i] = t;
-      if (stored) off += specs[i].numel();
-    }
-  };
   if (shared_params) {
-    ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C, "shared parameters of another shape");
+    ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C &&
+                       shared_params->device_ == device,
+                   "shared parameters of another shape or device");
     ULYSSES_ASSERT(!shared_params->run_.sharded_layer_params && !run.sharded_layer_params,
                    "a model with sharded layer parameters cannot share them");
     params_flat_ = shared_params->params_flat_;
     params_padded_ = shared_params->params_padded_;
+    compute_padded_ = shared_params->compute_padded_;
   } else {
     // zero padding to a multiple of flat_multiple (the arenas are zeroed on allocation and
     // nothing writes the padding, so it stays 0 through training)
@@ -307,23 +384,38 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     const int64_t n_g = run.sharded_layer_grads ? n_params - n_layer_tensors : n_params;
     const int64_t p_padded = (n_p + m - 1) / m * m, g_padded = (n_g + m - 1) / m * m;
     const size_t p_off = param_arena_.reserve(size_t(p_padded) * 4);
-    param_arena_.allocate();
-    params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);
+    param_arena_.allocate(/*zero=*/false);
+    zero_arena(ctx_, param_arena_);
+    params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);     // fp32 [p_padded]
     params_flat_ = params_padded_.rows(0, n_p);
+    if (device == Device::cuda) {
+      const size_t c_off = compute_arena_.reserve(size_t(p_padded) * 2);
+      compute_arena_.allocate(/*zero=*/false);
+      zero_arena(ctx_, compute_arena_);
+      compute_padded_ = compute_arena_.tensor(c_off, {p_padded}, DType::bf16);  // bf16 [p_padded]
+    } else {
+      compute_padded_ = params_padded_;
+    }
     const size_t g_off = grad_arena_.reserve(size_t(g_padded) * 4);
-    grad_arena_.allocate();
-    grads_padded_ = grad_arena_.tensor(g_off, {g_padded}, DType::f32);
+    grad_arena_.allocate(/*zero=*/false);
+    zero_arena(ctx_, grad_arena_);
+    grads_padded_ = grad_arena_.tensor(g_off, {g_padded}, DType::f32);       // fp32 [g_padded]
     grads_flat_ = grads_padded_.rows(0, n_g);
-    carve(grads_flat_, grads_, !run.sharded_layer_grads);
+    grads_ = carve_parameters(grads_flat_, specs, !run.sharded_layer_grads);
   }
-  carve(params_flat_, params_, !run.sharded_layer_params);
+  // forward/backward read the compute copy: bf16 on cuda (every tensor starts at a multiple of
+  // 8 elements, 16 bytes, since C and the qkv width are multiples of 8), params_flat_ on cpu
+  params_ = carve_parameters(compute_padded_.rows(0, params_flat_.numel()), specs, !run.sharded_layer_params);
 
   // -- the Ulysses all-to-alls and this rank's heads
   hq_ = s.Hq;
   hkv_ = s.Hkv;
   if (P > 1) {
     ULYSSES_ASSERT(seq_ && seq_->size() == P, "P = {} needs a sequence communicator of that size", P);
-    ulysses_ = std::make_unique<UlyssesAllToAll>(seq_, plan_ulysses_heads(s.Hq, s.Hkv, P), B, T, d);
+    // the all-to-alls are enqueued after the model's kernels on ctx_'s stream (device
+    // communicators); on cuda the head maps are copied to the device here, once
+    seq_->set_stream(ctx_.stream());
+    ulysses_ = std::make_unique<UlyssesAllToAll>(seq_, plan_ulysses_heads(s.Hq, s.Hkv, P), B, T, d, &ctx_);
     hq_ = ulysses_->plan().local_q_heads(seq_->rank());
     hkv_ = ulysses_->plan().local_kv_heads(seq_->rank());
   }
@@ -331,8 +423,9 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   act_ = std::make_unique<Activations>();
   Activations& A = *act_;
   std::vector<std::pair<Tensor*, size_t>> slots;
-  lay_out(s, run, hq_, hkv_, P > 1 ? ulysses_->scratch_elements() : 0, A, act_arena_, nullptr, &slots);
-  act_arena_.allocate();
+  lay_out(s, run, hq_, hkv_, P > 1 ? ulysses_->scratch_elements() : 0, device, A, act_arena_, nullptr, &slots);
+  act_arena_.allocate(/*zero=*/false);
+  zero_arena(ctx_, act_arena_);
   for (auto& [t, offset] : slots) {
     t->data = static_cast<char*>(act_arena_.base()) + offset;
     t->device = device;
@@ -360,13 +453,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   } else {
     ulysses_->set_scratch(A.sp_send, A.sp_recv);
   }
+  if (device == Device::cuda) staging_ = std::make_unique<HostStaging>(BT);
 }
 
 GPT::~GPT() = default;
-
-Tensor GPT::compute_params_padded() const { return params_padded_; }
-
-void GPT::refresh_compute_params() {}
 
 size_t GPT::activation_bytes() const { return act_arena_.bytes(); }
 
@@ -424,13 +514,28 @@ void parameter_init_values(const GPTShape& s, double init_std, uint64_t seed,
 }
 
 void GPT::init_weights(uint64_t seed) {
-  ULYSSES_ASSERT(device_ == Device::cpu, "init_weights runs on host parameters");
-  // the tensors this model stores (with sharded layers: wte, wpe, lnfw, lnfb; core/zero3.h
-  // initialises the layer shards from the same stream)
-  parameter_init_values(shape_, init_std_, seed, [&](int i, int64_t begin, const float* values, int64_t n) {
-    const Tensor& t = params_.t[size_t(i)];
-    if (t.data) std::memcpy(t.f32() + begin, values, size_t(n) * 4);
+  // The values come from parameter_init_values, on the host: in place on cpu; on cuda into a
+  // host copy of the master weights, copied over below, so both devices get the same fp32
+  // values. Only the tensors this model stores (with sharded layers: wte, wpe, lnfw, lnfb;
+  // core/zero3.h initialises the layer shards from the same stream).
+  const int64_t n = params_flat_.numel();
+  std::vector<float> host_master(device_ == Device::cuda ? size_t(n) : 0);
+  const Tensor master = device_ == Device::cuda ? Tensor(host_master.data(), {n}, DType::f32, Device::cpu)
+                                                : params_flat_;
+  const ParameterTensors p = carve_parameters(master, parameter_specs(shape_), !run_.sharded_layer_params);
+  parameter_init_values(shape_, init_std_, seed, [&](int i, int64_t begin, const float* values, int64_t count) {
+    const Tensor& t = p.t[size_t(i)];
+    if (t.data) std::memcpy(t.f32() + begin, values, size_t(count) * 4);
   });
+  if (device_ == Device::cuda) {
+    ops::copy(ctx_, params_flat_, master);
+    ops::synchronize(ctx_);  // host_master is freed on return
+  }
+  refresh_compute_params();
+}
+
+void GPT::refresh_compute_params() {
+  if (device_ == Device::cuda) ops::cast(ctx_, compute_padded_, params_padded_);  // fp32 -> bf16, padding 0 -> 0
 }
 
 void GPT::zero_grad() { ops::fill_zero(ctx_, grads_flat_); }
@@ -488,18 +593,48 @@ void GPT::block_forward(Layer& a, int l, Tensor x) {
   ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
 }
 
-void GPT::forward(const int32_t* tokens, const int32_t* positions) {
+int64_t GPT::check_inputs(const int32_t* tokens, const int32_t* targets, const int32_t* positions) const {
   const GPTShape& s = shape_;
-  Activations& A = *act_;
   const int64_t BT = run_.rows();
-  std::memcpy(A.tokens.data, tokens, size_t(BT) * 4);
-  std::memcpy(A.positions.data, positions, size_t(BT) * 4);
   for (int64_t i = 0; i < BT; ++i) {
     if (tokens[i] < 0 || tokens[i] >= s.V)
       throw_user_error("token id {} at position {} is outside the vocabulary [0, {})", tokens[i], i, s.V);
     if (positions[i] < 0 || (!s.rope && positions[i] >= s.maxT))
       throw_user_error("position {} is outside [0, model.max_seq_len = {})", positions[i], s.maxT);
   }
+  int64_t valid = 0;
+  if (targets) {
+    for (int64_t i = 0; i < BT; ++i) {
+      if (targets[i] >= s.V)
+        throw_user_error("target token id {} at position {} is outside the vocabulary [0, {})", targets[i], i, s.V);
+      valid += targets[i] >= 0;
+    }
+  }
+  if (device_ == Device::cuda && !ctx_.cudnn_attention && s.d != 64 && s.d != 128)
+    throw_user_error("model.n_embd / model.n_head: head_dim = {} / {} = {}, but the flash attention kernels of "
+                     "runtime.device cuda take head_dim 64 or 128 (runtime.attention: cudnn takes others)",
+                     s.C, s.Hq, s.d);
+  return valid;
+}
+
+void GPT::upload_input(Tensor dst, const int32_t* host, int slot) {
+  const Tensor src(const_cast<int32_t*>(host), {dst.numel()}, DType::i32, Device::cpu);
+  if (device_ == Device::cpu) {
+    ops::copy(ctx_, dst, src);
+    return;
+  }
+  // through pinned memory, so the copy is asynchronous (see HostStaging for why reuse is safe)
+  const Tensor pinned = staging_->slot(slot);
+  std::memcpy(pinned.data, host, pinned.bytes());
+  ops::copy(ctx_, dst, pinned);
+}
+
+// Enqueues the forward pass on inputs already checked by check_inputs.
+void GPT::forward(const int32_t* tokens, const int32_t* positions) {
+  const GPTShape& s = shape_;
+  Activations& A = *act_;
+  upload_input(A.tokens, tokens, 0);
+  upload_input(A.positions, positions, 2);
   auto& p = params_;
   // x = wte[tokens] + wpe[positions]                          [B*T, C]
   ops::embedding_forward(ctx_, A.encoded, A.tokens, A.positions, p.wte(), s.rope ? Tensor() : p.wpe());
@@ -515,18 +650,12 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
 
 // The LM head (tied to wte) and the loss, in chunks of rows so the [B*T, Vp] logits are never
 // stored whole. With `backward`, each chunk's logits become their gradient in place and flow
-// straight into dlnf and dwte.
-double GPT::classifier(const int32_t* targets, bool backward, int64_t* count) {
+// straight into dlnf and dwte. The losses [B*T] stay on the model's device (summed by the caller).
+void GPT::classifier(const int32_t* targets, bool backward) {
   const GPTShape& s = shape_;
   Activations& A = *act_;
   const int64_t BT = run_.rows();
-  std::memcpy(A.targets.data, targets, size_t(BT) * 4);
-  int64_t valid = 0;
-  for (int64_t i = 0; i < BT; ++i) {
-    if (targets[i] >= s.V)
-      throw_user_error("target token id {} at position {} is outside the vocabulary [0, {})", targets[i], i, s.V);
-    valid += targets[i] >= 0;
-  }
+  upload_input(A.targets, targets, 1);
   if (backward) ops::fill_zero(ctx_, A.dlnf);
   const int64_t chunk = A.logits.shape[0];
   for (int64_t r = 0; r < BT; r += chunk) {
@@ -538,11 +667,6 @@ double GPT::classifier(const int32_t* targets, bool backward, int64_t* count) {
                                        backward ? 1.f : 0.f);
     if (backward) matmul_backward(A.dlnf.rows(r, n), grads_.wte(), Tensor(), logits, lnf, params_.wte());
   }
-  double sum = 0;
-  const float* l = A.losses.f32();
-  for (int64_t i = 0; i < BT; ++i) sum += l[i];
-  *count = valid;
-  return sum;
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -640,22 +764,35 @@ void GPT::backward() {
 
 double GPT::forward_backward(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count) {
   ULYSSES_ASSERT(!grads_flat_.empty(), "this model instance has no gradients");
+  *count = check_inputs(tokens, targets, positions);
   forward(tokens, positions);
-  const double loss = classifier(targets, /*backward=*/true, count);
+  classifier(targets, /*backward=*/true);
   backward();
-  return loss;
+  // the micro-batch's one host synchronisation, after everything is enqueued (backward does not
+  // touch the losses): the sum of the losses in a fixed order
+  return ops::sum(ctx_, act_->losses);
 }
 
 double GPT::forward_loss(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count) {
+  *count = check_inputs(tokens, targets, positions);
   forward(tokens, positions);
-  return classifier(targets, /*backward=*/false, count);
+  classifier(targets, /*backward=*/false);
+  return ops::sum(ctx_, act_->losses);  // synchronises (cuda)
 }
 
 void GPT::forward_logits(const int32_t* tokens, const int32_t* positions, int64_t row, float* logits) {
+  check_inputs(tokens, nullptr, positions);
+  ULYSSES_ASSERT(row >= 0 && row < run_.rows(), "forward_logits: row {} of {}", row, run_.rows());
   forward(tokens, positions);
-  Tensor out = act_->logits.rows(0, 1);
+  Tensor out = act_->logits.rows(0, 1);  // [1, Vp], the activation dtype
   ops::matmul_forward(ctx_, out, act_->lnf.rows(row, 1), params_.wte(), Tensor());
-  std::memcpy(logits, out.data, size_t(shape_.Vp) * 4);
+  Tensor row_f32 = out;
+  if (device_ == Device::cuda) {
+    row_f32 = act_->logits_row;  // [Vp] f32 on the device
+    ops::cast(ctx_, row_f32, out);
+  }
+  ops::copy(ctx_, Tensor(logits, {shape_.Vp}, DType::f32, Device::cpu), row_f32);
+  ops::synchronize(ctx_);  // the host row is valid only after this
 }
 
 }  // namespace ulysses

@@ -2,14 +2,27 @@
 // one rank of a DP × SP layout: it holds T = N/P tokens of each sequence outside attention and,
 // with P > 1, runs attention on all N tokens for its share of the heads between the two
 // Ulysses all-to-alls (comm/ulysses.h). forward() and backward() are explicit op sequences in
-// the order of the architecture; they allocate nothing (four arenas are laid out up front:
-// parameters, gradients, activations, scratch).
+// the order of the architecture; they allocate nothing (the arenas are laid out up front:
+// parameters, gradients, activations).
 //
 // Parameters live in one contiguous buffer in llm.c's order, so an llm.c checkpoint is a memcpy:
 //   wte [Vp, C], wpe [maxT, C] (0 rows with rope), ln1w [L, C], ln1b [L, C],
 //   qkvw [L, (Hq + 2 Hkv) d, C], qkvb [L, (Hq + 2 Hkv) d], attprojw [L, C, C], attprojb [L, C],
 //   ln2w [L, C], ln2b [L, C], fcw [L, 4C, C], fcb [L, 4C], fcprojw [L, C, 4C], fcprojb [L, C],
 //   lnfw [C], lnfb [C]
+//
+// Devices and number formats (kernels/ops.h):
+//   cpu   everything fp32 in host memory; params_flat() is what forward/backward read.
+//   cuda  params_flat() / params_padded(): the fp32 MASTER weights, on the device (what the
+//         optimizer updates and checkpoints hold); compute_params_padded(): a bf16 copy of the
+//         padded buffer, same length, that forward/backward read (params() points into it);
+//         refresh_compute_params() casts master -> compute (the optimizer's param_lowp output
+//         does the same in its update). grads_flat() / grads_padded() / grads(): fp32 on the
+//         device. Activations are bf16 except LayerNorm mean/rstd, attention lse and the losses
+//         (fp32) and tokens / targets / positions (i32); the Ulysses scratch is bf16.
+//         Every op is enqueued on context().stream(); the host waits once per micro-batch (the
+//         loss sum, see forward_backward) and at the end of forward_logits and init_weights.
+// A model built with shared_params shares the master and the compute buffers of the other.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -178,17 +191,23 @@ class GPT {
   ~GPT();
 
   // GPT-2 init: N(0, init_std), residual projections (attprojw, fcprojw) scaled by 1/sqrt(2L),
-  // LayerNorm weights 1, biases 0; identical on every rank for the same seed.
+  // LayerNorm weights 1, biases 0; identical on every rank for the same seed, and the same fp32
+  // values on both devices (generated on the host; on cuda copied to the master weights, then
+  // the compute copy is refreshed; returns after the copy has finished).
   void init_weights(uint64_t seed);
 
   // One micro-batch: tokens, targets, positions are this rank's [B, T] (host int32; targets < 0
-  // are ignored). Runs forward, the fused LM head + cross-entropy, and backward; gradients
-  // ACCUMULATE as the gradient of the SUM of the losses (normalise at the optimizer).
-  // Returns the sum of this rank's losses; *count gets the number of valid targets.
+  // are ignored), checked on the host (UserError) before anything runs. Runs forward, the fused
+  // LM head + cross-entropy, and backward; gradients ACCUMULATE as the gradient of the SUM of the
+  // losses (normalise at the optimizer). Returns the sum of this rank's losses (host double);
+  // *count gets the number of valid targets. On cuda the inputs go to the device through a
+  // pinned host buffer (asynchronous copies), the whole micro-batch is enqueued, and then the
+  // host waits for it once: ops::sum of the losses is the micro-batch's one synchronisation.
   double forward_backward(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count);
-  // Forward and loss only (validation).
+  // Forward and loss only (validation); the same single synchronisation.
   double forward_loss(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count);
-  // Forward on tokens [B, T] and the logits [Vp] of row `row` (b * T + t) into `logits` (host).
+  // Forward on tokens [B, T] and the logits [Vp] of row `row` (b * T + t) into `logits` (host
+  // fp32; on cuda the bf16 row is cast to fp32 on the device, copied back, and waited for).
   void forward_logits(const int32_t* tokens, const int32_t* positions, int64_t row, float* logits);
 
   void zero_grad();
@@ -199,12 +218,13 @@ class GPT {
   // The tensors this model stores (with sharded layers: the per-layer ones have no data).
   ParameterTensors& params() { return params_; }
   ParameterTensors& grads() { return grads_; }
-  // The fp32 MASTER weights, all parameters in llm.c order, on the model's device (host on cpu),
-  // and the fp32 gradients, on the device. With sharded layers (ZeRO 2/3, GPTRunShape) only
-  // wte, wpe, lnfw, lnfb are stored here.
+  Device device() const { return device_; }
+  // All parameters in llm.c order, fp32 (the master weights on cuda); with sharded layers only
+  // wte, wpe, lnfw, lnfb (GPTRunShape).
   Tensor params_flat() const { return params_flat_; }
-  Tensor grads_flat() const { return grads_flat_; }
-  // Layer l's parameters / gradients: slices of the stacked tensors, or the hooks' views.
+  Tensor grads_flat() const { return grads_flat_; }  // fp32
+  // Layer l's parameters / gradients: slices of the stacked tensors, or the hooks' views (on
+  // cuda the parameters are bf16 compute views, the gradients fp32).
   LayerTensors layer_params(int l);
   LayerTensors layer_grads(int l);
   // Not owned; null to clear. Must outlive its use by forward / backward.
@@ -212,11 +232,10 @@ class GPT {
   // The same buffers with their zero padding to run.flat_multiple (ZeRO shards them evenly).
   Tensor params_padded() const { return params_padded_; }
   Tensor grads_padded() const { return grads_padded_; }
-  // The copy of the weights the kernels compute with, same padded length: bf16 on cuda; on cpu
-  // the master weights themselves (the same tensor as params_padded()).
-  Tensor compute_params_padded() const;
-  // compute copy = cast(master weights), after anything wrote the master weights other than
-  // ops::adamw_update with param_lowp (a load, a broadcast, ZeRO's all-gather). No-op on cpu.
+  // What forward/backward read: bf16 [n_padded] on cuda, params_padded() itself on cpu.
+  Tensor compute_params_padded() const { return compute_padded_; }
+  // compute <- master (ops::cast, enqueued on context(); a no-op on cpu). Call it after writing
+  // the master weights by any path other than an AdamW update with param_lowp.
   void refresh_compute_params();
   // The ops context whose stream runs this model's kernels; the constructor also sets it as the
   // stream of the sequence communicator (seq->set_stream(ctx.stream())).
@@ -226,21 +245,36 @@ class GPT {
   OpCounts& op_counts() { return op_counts_; }
 
   // The activation arena of a rank with hq / hkv local heads (Hq, Hkv when P == 1) and Ulysses
-  // scratch of `sp_scratch_elements` (UlyssesAllToAll::scratch_elements(); 0 when P == 1),
-  // computed by the same code the constructor allocates with, without allocating.
+  // scratch of `sp_scratch_elements` (UlyssesAllToAll::scratch_elements(); 0 when P == 1) on
+  // `device` (its dtypes: see the top of this file), computed by the same code the constructor
+  // allocates with, without allocating.
   static std::vector<ActivationBuffer> activation_layout(const GPTShape& s, const GPTRunShape& run, int hq, int hkv,
-                                                         size_t sp_scratch_elements);
+                                                         size_t sp_scratch_elements, Device device);
+
+  // What the CUDA kernels need of the shape, as UserErrors naming the keys: model.n_embd and the
+  // qkv width (n_head + 2 n_kv_head) * head_dim multiples of 8 (16-byte rows for cuBLASLt and the
+  // vector loads), and, unless cudnn_attention (runtime.attention: cudnn), a head_dim of 64 or
+  // 128 (the handwritten flash kernels). The constructor checks the first part on cuda, forward
+  // the second (the attention choice is set on context() after construction); the trainer may
+  // call it whole before building anything.
+  static void check_cuda_shape(const ModelConfig& m, bool cudnn_attention);
 
  private:
   struct Layer;        // saved activations of one block
   struct Activations;  // every view into the activation arena
-  static void lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Activations& A,
-                      Arena& arena, std::vector<ActivationBuffer>* list, std::vector<std::pair<Tensor*, size_t>>* slots);
+  struct HostStaging;  // pinned host buffer for the input copies (cuda)
+  static void lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Device device,
+                      Activations& A, Arena& arena, std::vector<ActivationBuffer>* list,
+                      std::vector<std::pair<Tensor*, size_t>>* slots);
+  // Host checks of a micro-batch's inputs (UserError); returns the number of valid targets.
+  int64_t check_inputs(const int32_t* tokens, const int32_t* targets, const int32_t* positions) const;
+  // host int32 [B*T] -> the activation tensor dst (through the pinned staging slot on cuda)
+  void upload_input(Tensor dst, const int32_t* host, int slot);
   void forward(const int32_t* tokens, const int32_t* positions);
   void block_forward(Layer& a, int l, Tensor x);
   void mlp_forward(Layer& a, int l);
   void mlp_backward(Layer& a, int l);
-  double classifier(const int32_t* targets, bool backward, int64_t* count);
+  void classifier(const int32_t* targets, bool backward);
   void backward();
   void attention_forward(Layer& a, int l);
   void attention_backward(Layer& a, int l, Tensor dres);
@@ -259,10 +293,12 @@ class GPT {
   OpCounts op_counts_;
   bool counting_ = true;  // false while backward recomputes forward ops
 
-  Arena param_arena_, grad_arena_, act_arena_;
+  Arena param_arena_, compute_arena_, grad_arena_, act_arena_;
   Tensor params_flat_, grads_flat_, params_padded_, grads_padded_;
-  ParameterTensors params_, grads_;
+  Tensor compute_padded_;  // bf16 [n_padded] on cuda; params_padded_ on cpu
+  ParameterTensors params_, grads_;  // params_: views of the compute buffer; grads_: fp32
   std::unique_ptr<Activations> act_;
+  std::unique_ptr<HostStaging> staging_;  // cuda only
   LayerHooks* hooks_ = nullptr;
 };
 

@@ -1,23 +1,27 @@
 // The per-rank memory estimate (see core/memory_estimate.h).
 //
-// Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W):
-//                          CPU fp32 (as implemented)          CUDA bf16 (the design)
-//   parameters             4 n_pad                            2 n (bf16)
-//   master weights         - (the parameters are fp32)        4 n, / W at ZeRO >= 1
-//   gradients              4 n_pad                            2 n
-//   optimizer m, v         8 n_pad, / W at ZeRO >= 1          8 n, / W at ZeRO >= 1
+// Items and their sizes for n parameters (n_pad: padded to a multiple of the world size W), as
+// GPT (core/gpt.h), ZeroAdamW (core/zero.h, ZeRO 0 / 1) and core/zero3.h (ZeRO 2 / 3) allocate
+// them:
+//                          CPU fp32                           CUDA (bf16 compute)
+//   parameters             4 n_pad                            4 n_pad, the fp32 master weights
+//   bf16 compute copy      -                                  2 n_pad (what forward/backward read)
+//   gradients              4 n_pad                            the same (fp32)
+//   optimizer m, v         8 n_pad, / W at ZeRO 1             the same (fp32)
 // ZeRO 2 and 3 (core/zero3.h, LayerShardLayout): Z = L·S + R elements per rank of each sharded
 // array (S a layer block's shard, R the rest's: wte, wpe, lnfw, lnfb), blk = W·S one layer block,
-// rest = W·R, held = what the model stores (n_pad at ZeRO 2, rest at ZeRO 3):
-//   parameters             4 held + 4 Z (the fp32 master      2 held + 2 Z (bf16 compute shards)
-//                          shards) + 4 blk (ZeRO 2) or 8 blk  + 2 blk (ZeRO 2) or 4 blk (ZeRO 3)
-//                          (ZeRO 3: two layer buffers)
-//   master weights         -                                  4 Z
+// rest = W·R, held = what the model stores (n_pad at ZeRO 2, rest at ZeRO 3), bufs = the layer
+// buffers the parameters are gathered into (1 at ZeRO 2, 2 at ZeRO 3):
+//   parameters             4 held + 4 Z (the fp32 master      4 held + 4 Z (fp32 master: the
+//                          shards) + 4 bufs·blk               model's and the shards)
+//   bf16 compute copy      -                                  2 held + 2 Z + 2 bufs·blk (the
+//                                                             gathered layers in bf16)
 //   gradients              4 rest + 4 Z + 4 blk + 4 S (the model's rest, the shards, one layer
 //                          buffer, the reduce-scatter's receive buffer), fp32 in both columns
 //   optimizer m, v         8 Z                                8 Z
-//   activations            GPT::activation_layout, by kind (fp32; bf16 on CUDA except the
-//                          LayerNorm / softmax statistics and the losses, which stay fp32)
+// (the CUDA ZeRO 2 / 3 rows are the design: core/zero3.h runs on the CPU so far)
+//   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
+//                          the LayerNorm / softmax statistics and the losses (fp32)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
 #include "core/memory_estimate.h"
@@ -44,14 +48,6 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kCpuBaseline = 64.0 * 1024 * 1024;
 constexpr double kCudaRuntime = 1.5 * kGiB;
 
-// bytes of one activation buffer in the given layout
-double buffer_bytes(const ActivationBuffer& b, MemoryLayout layout) {
-  if (layout == MemoryLayout::cpu_fp32 || b.dtype != DType::f32) return double(b.bytes);
-  const bool fp32 = b.kind == "attention_stats" || b.name == "losses" || b.name.find("_mean") != std::string::npos ||
-                    b.name.find("_rstd") != std::string::npos || b.name == "lse";
-  return fp32 ? double(b.bytes) : double(b.bytes) / 2;
-}
-
 }  // namespace
 
 double MemoryEstimate::total() const {
@@ -72,17 +68,17 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   auto add = [&](std::string name, double bytes) { e.items.push_back({std::move(name), bytes}); };
   // the same items in both layouts (the table prints them side by side)
   if (zero_stage <= 1) {
-    add("parameters (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : 2 * n);
-    add("master weights (CUDA fp32)", cpu ? 0 : (zero_stage >= 1 ? 4 * n / W : 4 * n));
-    add("gradients (CPU fp32 | CUDA bf16)", cpu ? 4 * n_pad : 2 * n);
-    add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * (cpu ? n_pad : n) / W : 8 * (cpu ? n_pad : n));
+    add("parameters (fp32; the master weights on CUDA)", 4 * n_pad);
+    add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * n_pad);
+    add("gradients (fp32)", 4 * n_pad);
+    add("optimizer m, v (fp32)", zero_stage >= 1 ? 8 * n_pad / W : 8 * n_pad);
   } else {
     const LayerShardLayout lay = LayerShardLayout::make(s, world_size);
     const double Z = double(s.L) * double(lay.shard) + double(lay.rest_shard), blk = double(lay.block());
-    const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : (cpu ? n_pad : n);
-    const double pb = cpu ? 4 : 2, buffers = zero_stage == 3 ? 2 : 1;
-    add("parameters (CPU fp32 | CUDA bf16)", pb * held + pb * Z + pb * buffers * blk);
-    add("master weights (CUDA fp32)", cpu ? 0 : 4 * Z);
+    const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : n_pad;
+    const double bufs = zero_stage == 3 ? 2 : 1;
+    add("parameters (fp32; the master weights on CUDA)", 4 * held + 4 * Z + (cpu ? 4 * bufs * blk : 0));
+    add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * held + 2 * Z + 2 * bufs * blk);
     add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk + 4 * double(lay.shard));
     add("optimizer m, v (fp32)", 8 * Z);
   }
@@ -99,8 +95,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   const GPTRunShape run{cfg.train.micro_batch_size, N, P, cfg.runtime.tile_tokens, recompute};
   std::map<std::string, double> by_kind;
   double per_layer = 0;
-  for (const ActivationBuffer& b : GPT::activation_layout(s, run, hq, hkv, scratch)) {
-    const double bytes = buffer_bytes(b, layout);
+  for (const ActivationBuffer& b :
+       GPT::activation_layout(s, run, hq, hkv, scratch, cpu ? Device::cpu : Device::cuda)) {
+    const double bytes = double(b.bytes);
     if (b.kind == "layer" && b.layer >= 0)
       per_layer += bytes;
     else
@@ -170,6 +167,7 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
   const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32);
   const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16);
   out += fmt::format("  {:<58} {:>14} {:>14}\n", "item", "CPU fp32 GiB", "CUDA bf16 GiB");
+  // (the CUDA column: bf16 compute copy and activations, fp32 master weights, gradients, m, v)
   for (size_t i = 0; i < cpu.items.size(); ++i)
     out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", i + 1 == cpu.items.size() ? "runtime (CPU process baseline | CUDA context, NCCL)" : cpu.items[i].name,
                        cpu.items[i].bytes / kGiB, gpu.items[i].bytes / kGiB);
@@ -182,7 +180,11 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
       out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
-  out += "(CPU rows: what the trainer allocates; CUDA rows: the design of the CUDA path)\n";
+  out += "(CPU rows and CUDA ZeRO 0/1: what the model and optimizer allocate; CUDA ZeRO 2/3: the design, "
+         "core/zero3.h runs on the CPU so far)\n";
+  const bool cuda = cfg.runtime.device == "cuda";
+  out += fmt::format("runtime.device {}: the {} columns apply to this config\n", cfg.runtime.device,
+                     cuda ? "CUDA bf16" : cfg.runtime.device == "cpu" ? "CPU fp32" : "CUDA (with a GPU) or CPU");
   fmt::print("{}", out);
   return 0;
 }

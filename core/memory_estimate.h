@@ -1,7 +1,7 @@
 // `ulysses estimate`: the memory one rank needs for a config, item by item, for the CPU fp32
-// layout as implemented and for the CUDA bf16 layout (bf16 parameters and activations, fp32
-// master weights and AdamW m, v), and the longest sequence that fits a memory budget for each
-// recompute / ZeRO choice. Activation sizes come from GPT::activation_layout, the function the
+// layout and for the CUDA layout (bf16 compute copy of the parameters and bf16 activations; fp32
+// master weights, gradients and AdamW m, v), both as the model allocates them, and the longest
+// sequence that fits a memory budget for each recompute / ZeRO choice. Activation sizes come from GPT::activation_layout, the function the
 // model allocates its arena with, so the estimate cannot drift from the code.
 #pragma once
 #include <string>

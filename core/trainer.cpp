@@ -110,6 +110,7 @@ std::string sample(const Config& cfg, GPT& trained, Device device, Tokenizer& to
   const int window = cfg.model.rope() ? cfg.train.seq_len : std::min(cfg.train.seq_len, cfg.model.max_seq_len);
   ops::synchronize(trained.context());
   GPT sampler(cfg.model, {1, window, 1, 0}, device, nullptr, &trained);
+  if (device == Device::cuda) sampler.context().cudnn_attention = trained.context().cudnn_attention;
   const int V = cfg.model.vocab_size, Vp = cfg.model.padded_vocab_size();
   std::vector<int32_t> context = {tok.eot_token() >= 0 ? tok.eot_token() : int32_t('\n')};
   const size_t W = static_cast<size_t>(window);
@@ -205,6 +206,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   run.sharded_layer_grads = per_layer;
   run.sharded_layer_params = zero_stage == 3;
   GPT model(cfg.model, run, device, groups.sequence.get());
+  model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
   ops::Context& ctx = model.context();
   groups.set_stream(ctx.stream());  // every device collective runs in order with the model's kernels
   std::optional<ZeroAdamW> optimizer;

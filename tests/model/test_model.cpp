@@ -1,11 +1,13 @@
 // Whole-model tests on the CPU backend: the gradient of the full GPT against finite differences
-// (learned positions, RoPE, GQA), overfitting a fixed batch, and AdamW + schedule basics.
+// (learned positions, RoPE, GQA), overfitting a fixed batch, AdamW + schedule basics, and the
+// shape checks of the CUDA path (which need no GPU).
 #include <catch2/catch.hpp>
 
 #include <cmath>
 #include <random>
 #include <vector>
 
+#include "core/error.h"
 #include "core/gpt.h"
 #include "core/optimizer.h"
 
@@ -163,4 +165,28 @@ TEST_CASE("parameter layout follows llm.c", "[model]") {
   REQUIRE(specs.size() == 16);
   CHECK(specs[4].name == "qkvw");
   CHECK(specs[4].numel() == 12ll * 3 * 768 * 768);
+}
+
+TEST_CASE("the CUDA shape checks name the keys (no GPU needed)", "[model]") {
+  ModelConfig m;
+  m.n_embd = 256;
+  m.n_head = 4;  // head_dim 64
+  CHECK_NOTHROW(GPT::check_cuda_shape(m, false));
+  m.n_head = 2;  // head_dim 128
+  CHECK_NOTHROW(GPT::check_cuda_shape(m, false));
+  m.n_head = 8;  // head_dim 32: only cuDNN attention takes it
+  CHECK_THROWS_AS(GPT::check_cuda_shape(m, false), UserError);
+  CHECK_THROWS_WITH(GPT::check_cuda_shape(m, false), Catch::Contains("model.n_embd / model.n_head") &&
+                                                         Catch::Contains("head_dim 64 or 128"));
+  CHECK_NOTHROW(GPT::check_cuda_shape(m, true));
+  m.n_embd = 100;  // not a multiple of 8
+  m.n_head = 1;
+  CHECK_THROWS_WITH(GPT::check_cuda_shape(m, true), Catch::Contains("model.n_embd = 100"));
+  m.n_embd = 24;   // 8 heads of 3 with 1 kv head: qkv width (8 + 2) * 3 = 30
+  m.n_head = 8;
+  m.n_kv_head = 1;
+  CHECK_THROWS_WITH(GPT::check_cuda_shape(m, true), Catch::Contains("model.n_head / model.n_kv_head") &&
+                                                        Catch::Contains("= 30 must be a multiple of 8"));
+  m.n_kv_head = 4;  // (8 + 8) * 3 = 48
+  CHECK_NOTHROW(GPT::check_cuda_shape(m, true));
 }

@@ -62,7 +62,7 @@ Run run_model(const ModelConfig& m, GPTRunShape shape, int micro_steps = 2) {
 size_t layout_bytes(const ModelConfig& m, GPTRunShape shape) {
   const GPTShape s = GPTShape::from(m);
   size_t total = 0;
-  for (const ActivationBuffer& b : GPT::activation_layout(s, shape, s.Hq, s.Hkv, 0)) total += b.bytes;
+  for (const ActivationBuffer& b : GPT::activation_layout(s, shape, s.Hq, s.Hkv, 0, Device::cpu)) total += b.bytes;
   return total;
 }
 
@@ -130,7 +130,7 @@ TEST_CASE("the activation arena: full recompute keeps one layer's workspace, per
     const GPTRunShape run{1, 64, 1, 0, rc};
     const GPTShape s = GPTShape::from(m4);
     size_t per_layer = 0;
-    for (const ActivationBuffer& b : GPT::activation_layout(s, run, s.Hq, s.Hkv, 0))
+    for (const ActivationBuffer& b : GPT::activation_layout(s, run, s.Hq, s.Hkv, 0, Device::cpu))
       if (b.layer == 0) per_layer += b.bytes;
     INFO(recompute_name(rc));
     CHECK(layout_bytes(m4, run) - layout_bytes(m2, run) == 2 * per_layer);
