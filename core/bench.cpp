@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -52,6 +53,44 @@ std::string gpu_name(const DevicePlan& plan) {
   (void)plan;
   return "";
 }
+
+// Device memory in use on this rank's GPU, in GiB: cudaMemGetInfo's total - free. It counts all
+// of the GPU's memory in use (this process's CUDA context, arenas, cuBLASLt / cuDNN workspaces,
+// NCCL buffers, the stream-ordered pool's reserve, and other processes on the same GPU), i.e.
+// what nvidia-smi shows, not only the arenas. 0 on cpu.
+double gpu_memory_used_gib(Device device) {
+#ifdef ULYSSES_CUDA
+  if (device == Device::cuda) {
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return double(total_bytes - free_bytes) / double(1ull << 30);
+  }
+#endif
+  (void)device;
+  return 0;
+}
+
+// The CSV columns of one bench row (the header line, without the newline).
+constexpr const char* kCsvHeader =
+    "layers,width,heads,B,N,P,DP,forward_ms,backward_ms,allreduce_ms,optimizer_ms,step_ms,"
+    "tokens_per_second,tflops_per_rank,all_to_all_bytes,vocab,emulated,recompute,tile_tokens,"
+    "flops_per_rank_step,activation_bytes,peak_rss_gib,threads,device,gpu,peak_tflops,mfu,peak_gpu_gib";
+
+// true when `path` is absent or empty (the header is to be written); false when it holds rows
+// under this version's header; UserError naming --csv when its header differs (appending would
+// shift the columns).
+bool csv_is_new(const std::string& path) {
+  if (!std::filesystem::exists(path) || std::filesystem::file_size(path) == 0) return true;
+  std::FILE* in = std::fopen(path.c_str(), "r");
+  if (!in) throw_user_error("--csv '{}': cannot open for reading", path);
+  std::string header;
+  for (int c = std::fgetc(in); c != EOF && c != '\n'; c = std::fgetc(in)) header += char(c);
+  std::fclose(in);
+  if (header != kCsvHeader)
+    throw_user_error("--csv '{}': the file's header has other columns than this ulysses bench writes (a file "
+                     "from an older version?); give another file", path);
+  return false;
+}
 }  // namespace
 
 double peak_bf16_tflops(const std::string& name) {
@@ -65,6 +104,7 @@ double peak_bf16_tflops(const std::string& name) {
 
 int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   validate_for_world(cfg, mpi.world_size);
+  if (!opts.csv.empty() && mpi.world_rank == 0) csv_is_new(opts.csv);  // a mismatched file fails now, not after timing
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
   if (cfg.runtime.threads > 0) {
@@ -106,6 +146,11 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
 
   std::vector<double> fwd, fwdbwd, allreduce, optim, total;
   uint64_t a2a_bytes = 0, step_flops = 0;
+  // Peak GPU memory: gpu_memory_used_gib sampled after every phase, once the device is idle (the
+  // arenas are allocated up front and the ops' scratch only grows, in the first step, so nothing
+  // allocated inside a phase is freed before its end except the scratch buffer a growth replaces).
+  double peak_gpu_gib = gpu_memory_used_gib(device);
+  auto note_gpu_memory = [&] { peak_gpu_gib = std::max(peak_gpu_gib, gpu_memory_used_gib(device)); };
   // every rank's device idle, then all ranks together (host barrier)
   auto line_up = [&] {
     ops::synchronize(ctx);
@@ -118,6 +163,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     model.forward_loss(tok.data(), tgt.data(), pos.data(), &count);
     ops::synchronize(ctx);
     const double f = ms_since(t0);
+    note_gpu_memory();
     line_up();
     if (seq) seq->counters().reset();
     model.op_counts() = OpCounts{};
@@ -126,6 +172,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);
     ops::synchronize(ctx);
     const double fb = ms_since(step0);
+    note_gpu_memory();
     if (seq) a2a_bytes = seq->counters().bytes_sent[size_t(Collective::all_to_all)];
     step_flops = model.op_counts().flops();
     t0 = Clock::now();
@@ -139,6 +186,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     ops::synchronize(ctx);
     const double op = ms_since(t0);
     const double tot = ms_since(step0);
+    note_gpu_memory();
     if (it >= opts.warmup) {
       fwd.push_back(f);
       fwdbwd.push_back(fb);
@@ -150,6 +198,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   // the slowest rank sets the pace
   double med[5] = {median(fwd), median(fwdbwd), median(allreduce), median(optim), median(total)};
   host.all_reduce(med, med, 5, DType::f64, ReduceOp::max);
+  host.all_reduce(&peak_gpu_gib, &peak_gpu_gib, 1, DType::f64, ReduceOp::max);  // the fullest GPU
   const double step_s = med[4] / 1000.0;
   // tokens of the whole job per step (emulated: of the P-rank group this rank stands for) and
   // FLOPs of one rank per second
@@ -186,10 +235,14 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   const std::string gpu = gpu_name(plan);
   const double peak = peak_bf16_tflops(gpu);
   const double mfu = peak > 0 ? tflops / peak : 0;
-  if (device == Device::cuda)
+  if (device == Device::cuda) {
     spdlog::info("  device  {} (cuda:{}), backend {} | MFU {} (peak bf16 dense {})", gpu, plan.cuda_device,
                  comm_backend_name(plan.backend), peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a",
                  peak > 0 ? fmt::format("{:.1f} TFLOP/s", peak) : "unknown for this GPU");
+    spdlog::info("  peak GPU memory {:.2f} GiB (cudaMemGetInfo total - free after each phase, the fullest rank's "
+                 "GPU; the whole GPU's use: the CUDA context and other ranks sharing it included)",
+                 peak_gpu_gib);
+  }
   spdlog::info("  activations {:.3f} GiB; model FLOPs counted per step on this rank {:.4e} (formula {:.4e})",
                double(model.activation_bytes()) / (1ull << 30), double(step_flops),
                double(flops_per_token(model.shape(), N, true)) * B * T);
@@ -197,19 +250,18 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     spdlog::info("  all-to-all bytes sent per step by rank 0: {} (formula {}: {})", a2a_bytes, formula,
                  a2a_bytes == formula ? "equal" : "DIFFERENT");
   if (!opts.csv.empty() && mpi.world_rank == 0) {
-    const bool fresh = !std::filesystem::exists(opts.csv);
+    const bool fresh = csv_is_new(opts.csv);
     std::FILE* f = std::fopen(opts.csv.c_str(), "a");
     if (!f) throw_user_error("--csv '{}': cannot open for appending", opts.csv);
-    if (fresh)
-      std::fprintf(f, "layers,width,heads,B,N,P,DP,forward_ms,backward_ms,allreduce_ms,optimizer_ms,step_ms,"
-                      "tokens_per_second,tflops_per_rank,all_to_all_bytes,vocab,emulated,recompute,tile_tokens,"
-                      "flops_per_rank_step,activation_bytes,peak_rss_gib,threads,device,gpu,peak_tflops,mfu\n");
-    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu,%d,%d,%s,%d,%llu,%zu,%.4f,%d,%s,%s,%.1f,%.4f\n",
+    if (fresh) std::fprintf(f, "%s\n", kCsvHeader);
+    // peak_gpu_gib: empty on cpu (not measured)
+    const std::string gpu_gib = device == Device::cuda ? fmt::format("{:.3f}", peak_gpu_gib) : "";
+    std::fprintf(f, "%d,%d,%d,%d,%d,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%.1f,%.6f,%llu,%d,%d,%s,%d,%llu,%zu,%.4f,%d,%s,%s,%.1f,%.4f,%s\n",
                  cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, B, N, P, groups.dp_size, med[0], med[1] - med[0],
                  med[2], med[3], med[4], tokens / step_s, tflops, (unsigned long long)a2a_bytes, cfg.model.vocab_size,
                  emulated ? 1 : 0, cfg.runtime.recompute.c_str(), cfg.runtime.tile_tokens,
                  (unsigned long long)step_flops, model.activation_bytes(), peak_rss_gib(), omp_get_max_threads(),
-                 device_name(device), gpu.c_str(), peak, mfu);
+                 device_name(device), gpu.c_str(), peak, mfu, gpu_gib.c_str());
     std::fclose(f);
   }
   return 0;

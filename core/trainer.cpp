@@ -168,6 +168,18 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
   omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
+  // Refused before the groups are built (NCCL's set-up takes seconds); every rank decides alike
+  // from the config and the agreed device, so the error is reported once, not per rank.
+  if (cfg.parallel.emulate_sequence > 1)
+    throw AllRanksUserError(fmt::format(
+        "parallel.emulate_sequence = {}: emulation measures one rank's work of a P-rank run (its losses are not a "
+        "real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
+        cfg.parallel.emulate_sequence));
+  if (cfg.parallel.zero_stage >= 2 && device == Device::cuda)
+    throw AllRanksUserError(fmt::format(
+        "parallel.zero_stage = {}: stages 2 and 3 (per-layer sharding, core/zero3.h) run on the CPU only so far; "
+        "on cuda use parallel.zero_stage 0 or 1",
+        cfg.parallel.zero_stage));
 
   if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
     llmc_header_for(cfg.model);  // fails now, not after training, when llm.c cannot hold this model
@@ -189,19 +201,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const int accum = cfg.train.global_batch_tokens > 0 ? int(cfg.train.global_batch_tokens / tokens_per_micro) : 1;
   const int64_t tokens_per_step = tokens_per_micro * accum;
 
-  if (cfg.parallel.emulate_sequence > 1)
-    throw_user_error("parallel.emulate_sequence = {}: emulation measures one rank's work of a P-rank run (its "
-                     "losses are not a real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
-                     cfg.parallel.emulate_sequence);
   // ZeRO (core/zero.h) shards the flat buffers evenly over the world: pad them to a multiple of it.
   // Stages 2 and 3 work per layer (core/zero3.h): the model then stores no layer gradients (2) or
   // no layer parameters and gradients (3), and the optimizer is LayerShardedZero.
   const int zero_stage = cfg.parallel.zero_stage;
   const bool per_layer = zero_stage >= 2;
-  if (per_layer && device == Device::cuda)
-    throw_user_error("parallel.zero_stage = {}: stages 2 and 3 (per-layer sharding, core/zero3.h) run on the CPU "
-                     "only so far; on cuda use parallel.zero_stage 0 or 1",
-                     zero_stage);
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, parse_recompute(cfg.runtime.recompute), mpi.world_size};
   run.sharded_layer_grads = per_layer;
   run.sharded_layer_params = zero_stage == 3;

@@ -111,6 +111,18 @@ run_case(NAME "mpirun -np 2: sequence does not divide the world" EXIT 2
          EXPECT_ERR "key 'parallel.sequence' (4) must divide the world size (2 ranks): valid values for this world and model are 1, 2"
          ARGS ${mpi} ${ULYSSES} check --set parallel.sequence=4)
 
+# A refusal inside run_train that every rank reaches alike (AllRanksUserError): exit 2, printed
+# once, not once per rank with an MPI_Abort.
+run_case(NAME "mpirun -np 2: train refuses parallel.emulate_sequence" EXIT 2
+         EXPECT_ERR "parallel.emulate_sequence = 2: emulation measures one rank's work"
+         ARGS ${mpi} ${ULYSSES} train --set parallel.emulate_sequence=2 --set runtime.device=cpu --set train.max_steps=1)
+string(REGEX MATCHALL "error: " hits "${last_err}${last_out}")
+list(LENGTH hits n_hits)
+if(NOT n_hits EQUAL 1)
+  message("FAIL mpirun -np 2 emulate_sequence in train: 'error: ' printed ${n_hits} times, expected once")
+  math(EXPR failures "${failures} + 1")
+endif()
+
 # runtime.device=cuda where no GPU is visible (or in a CPU-only build): exit 2 with a message that
 # names the key, printed once under mpirun; likewise parallel.backend=nccl. Not run where
 # nvidia-smi lists a GPU (there these configs train; tests/cuda covers them).
@@ -133,6 +145,41 @@ else()
   run_case(NAME "parallel.backend=nccl without a GPU" EXIT 2 EXPECT_ERR "error: parallel.backend = nccl moves device memory"
            ARGS ${ULYSSES} check --set parallel.backend=nccl)
 endif()
+
+# ulysses bench --csv (on the cpu): the header ends with peak_gpu_gib (empty on cpu), every row has
+# the header's column count, a second run appends under the same header, and a file with another
+# header is refused before anything runs (exit 2, naming --csv).
+set(csv ${WORK_DIR}/bench.csv)
+set(tiny_bench ${ULYSSES} bench --set model.n_layer=1 --set model.n_embd=64 --set model.n_head=2
+    --set model.vocab_size=256 --set model.max_seq_len=64 --set train.seq_len=64 --set train.micro_batch_size=1
+    --set runtime.device=cpu --set runtime.threads=1 --repeat 1 --warmup 0)
+run_case(NAME "bench --csv" EXIT 0 ARGS ${tiny_bench} --csv ${csv})
+run_case(NAME "bench --csv appends" EXIT 0 ARGS ${tiny_bench} --csv ${csv})
+file(STRINGS ${csv} csv_lines)
+list(LENGTH csv_lines n_csv_lines)
+list(GET csv_lines 0 csv_header)
+string(REGEX MATCHALL "," header_commas "${csv_header}")
+list(LENGTH header_commas n_header_commas)
+set(csv_ok TRUE)
+if(NOT n_csv_lines EQUAL 3 OR NOT csv_header MATCHES ",mfu,peak_gpu_gib$")
+  set(csv_ok FALSE)
+endif()
+foreach(line IN LISTS csv_lines)
+  string(REGEX MATCHALL "," commas "${line}")
+  list(LENGTH commas n_commas)
+  if(NOT n_commas EQUAL n_header_commas OR NOT line MATCHES "(^layers,|,cpu,,0\\.0,0\\.0000,$)")
+    set(csv_ok FALSE)
+  endif()
+endforeach()
+if(csv_ok)
+  message("ok   bench --csv: header and rows")
+else()
+  message("FAIL bench --csv: expected a header ending in peak_gpu_gib and 2 cpu rows of as many columns:\n${csv_lines}")
+  math(EXPR failures "${failures} + 1")
+endif()
+file(WRITE ${WORK_DIR}/old.csv "layers,width,heads\n1,64,2\n")
+run_case(NAME "bench --csv with another header" EXIT 2 EXPECT_ERR "--csv '${WORK_DIR}/old.csv': the file's header"
+         ARGS ${tiny_bench} --csv ${WORK_DIR}/old.csv)
 
 if(failures GREATER 0)
   message(FATAL_ERROR "${failures} command-line case(s) failed")
