@@ -367,6 +367,8 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   ULYSSES_ASSERT(!run.sharded_layer_params || run.sharded_layer_grads, "sharded layer parameters need sharded gradients");
   int64_t n_layer_tensors = 0;
   for (int k = 0; k < kNumLayerTensors; ++k) n_layer_tensors += specs[size_t(kFirstLayerTensor + k)].numel();
+  // parameters this model stores (with sharded layer parameters: the rest only)
+  const int64_t n_p = run.sharded_layer_params ? n_params - n_layer_tensors : n_params;
   if (shared_params) {
     ULYSSES_ASSERT(shared_params->shape_.L == s.L && shared_params->shape_.C == s.C &&
                        shared_params->device_ == device,
@@ -380,14 +382,19 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     // zero padding to a multiple of flat_multiple (the arenas are zeroed on allocation and
     // nothing writes the padding, so it stays 0 through training)
     const int64_t m = std::max(1, run.flat_multiple);
-    const int64_t n_p = run.sharded_layer_params ? n_params - n_layer_tensors : n_params;
     const int64_t n_g = run.sharded_layer_grads ? n_params - n_layer_tensors : n_params;
     const int64_t p_padded = (n_p + m - 1) / m * m, g_padded = (n_g + m - 1) / m * m;
-    const size_t p_off = param_arena_.reserve(size_t(p_padded) * 4);
-    param_arena_.allocate(/*zero=*/false);
-    zero_arena(ctx_, param_arena_);
-    params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);     // fp32 [p_padded]
-    params_flat_ = params_padded_.rows(0, n_p);
+    if (device == Device::cuda && !run.master_weights) {
+      // no fp32 master here (GPTRunShape::master_weights): empty views, the compute copy below
+      params_padded_ = Tensor(nullptr, {0}, DType::f32, device);
+      params_flat_ = params_padded_;
+    } else {
+      const size_t p_off = param_arena_.reserve(size_t(p_padded) * 4);
+      param_arena_.allocate(/*zero=*/false);
+      zero_arena(ctx_, param_arena_);
+      params_padded_ = param_arena_.tensor(p_off, {p_padded}, DType::f32);  // fp32 [p_padded]
+      params_flat_ = params_padded_.rows(0, n_p);
+    }
     if (device == Device::cuda) {
       const size_t c_off = compute_arena_.reserve(size_t(p_padded) * 2);
       compute_arena_.allocate(/*zero=*/false);
@@ -405,7 +412,7 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   }
   // forward/backward read the compute copy: bf16 on cuda (every tensor starts at a multiple of
   // 8 elements, 16 bytes, since C and the qkv width are multiples of 8), params_flat_ on cpu
-  params_ = carve_parameters(compute_padded_.rows(0, params_flat_.numel()), specs, !run.sharded_layer_params);
+  params_ = carve_parameters(compute_padded_.rows(0, n_p), specs, !run.sharded_layer_params);
 
   // -- the Ulysses all-to-alls and this rank's heads
   hq_ = s.Hq;
@@ -518,6 +525,8 @@ void GPT::init_weights(uint64_t seed) {
   // host copy of the master weights, copied over below, so both devices get the same fp32
   // values. Only the tensors this model stores (with sharded layers: wte, wpe, lnfw, lnfb;
   // core/zero3.h initialises the layer shards from the same stream).
+  ULYSSES_ASSERT(device_ != Device::cuda || run_.master_weights,
+                 "init_weights on a cuda model without master weights (LayerShardedZero::init_weights initialises)");
   const int64_t n = params_flat_.numel();
   std::vector<float> host_master(device_ == Device::cuda ? size_t(n) : 0);
   const Tensor master = device_ == Device::cuda ? Tensor(host_master.data(), {n}, DType::f32, Device::cpu)
@@ -535,7 +544,8 @@ void GPT::init_weights(uint64_t seed) {
 }
 
 void GPT::refresh_compute_params() {
-  if (device_ == Device::cuda) ops::cast(ctx_, compute_padded_, params_padded_);  // fp32 -> bf16, padding 0 -> 0
+  // fp32 -> bf16, padding 0 -> 0; without master weights the optimizer writes the compute copy
+  if (device_ == Device::cuda && !params_padded_.empty()) ops::cast(ctx_, compute_padded_, params_padded_);
 }
 
 void GPT::zero_grad() { ops::fill_zero(ctx_, grads_flat_); }

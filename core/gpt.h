@@ -152,6 +152,13 @@ struct GPTRunShape {
   // views come from the LayerHooks.
   bool sharded_layer_params = false;
   bool sharded_layer_grads = false;
+  // cuda only: false = the model allocates no fp32 master weights of its own, only the bf16
+  // compute copy. For ZeRO 2 / 3 on cuda, where LayerShardedZero keeps the master weights as
+  // shards (at ZeRO 2 a whole fp32 copy would be 4 bytes per parameter that nothing reads).
+  // params_flat() / params_padded() are then empty, init_weights is refused (LayerShardedZero
+  // initialises) and refresh_compute_params does nothing (the optimizer writes the compute copy).
+  // Ignored on cpu, where the one fp32 buffer is both master and compute copy.
+  bool master_weights = true;
   int T() const { return N / P; }
   int64_t rows() const { return int64_t(B) * T(); }
   // rows per MLP chunk (all rows when untiled) and per LM-head chunk
@@ -220,7 +227,7 @@ class GPT {
   ParameterTensors& grads() { return grads_; }
   Device device() const { return device_; }
   // All parameters in llm.c order, fp32 (the master weights on cuda); with sharded layers only
-  // wte, wpe, lnfw, lnfb (GPTRunShape).
+  // wte, wpe, lnfw, lnfb (GPTRunShape); empty on cuda without master_weights.
   Tensor params_flat() const { return params_flat_; }
   Tensor grads_flat() const { return grads_flat_; }  // fp32
   // Layer l's parameters / gradients: slices of the stacked tensors, or the hooks' views (on
@@ -234,8 +241,9 @@ class GPT {
   Tensor grads_padded() const { return grads_padded_; }
   // What forward/backward read: bf16 [n_padded] on cuda, params_padded() itself on cpu.
   Tensor compute_params_padded() const { return compute_padded_; }
-  // compute <- master (ops::cast, enqueued on context(); a no-op on cpu). Call it after writing
-  // the master weights by any path other than an AdamW update with param_lowp.
+  // compute <- master (ops::cast, enqueued on context(); a no-op on cpu and on cuda without
+  // master_weights). Call it after writing the master weights by any path other than an AdamW
+  // update with param_lowp.
   void refresh_compute_params();
   // The ops context whose stream runs this model's kernels; the constructor also sets it as the
   // stream of the sequence communicator (seq->set_stream(ctx.stream())).

@@ -12,14 +12,13 @@
 // array (S a layer block's shard, R the rest's: wte, wpe, lnfw, lnfb), blk = W·S one layer block,
 // rest = W·R, held = what the model stores (n_pad at ZeRO 2, rest at ZeRO 3), bufs = the layer
 // buffers the parameters are gathered into (1 at ZeRO 2, 2 at ZeRO 3):
-//   parameters             4 held + 4 Z (the fp32 master      4 held + 4 Z (fp32 master: the
-//                          shards) + 4 bufs·blk               model's and the shards)
+//   parameters             4 held + 4 Z (the fp32 master      4 Z (the fp32 master shards only:
+//                          shards) + 4 bufs·blk               the model has none, master_weights)
 //   bf16 compute copy      -                                  2 held + 2 Z + 2 bufs·blk (the
 //                                                             gathered layers in bf16)
-//   gradients              4 rest + 4 Z + 4 blk + 4 S (the model's rest, the shards, one layer
-//                          buffer, the reduce-scatter's receive buffer), fp32 in both columns
+//   gradients              4 rest + 4 Z + 4 blk (the model's rest, the shards, one layer buffer),
+//                          fp32 in both columns
 //   optimizer m, v         8 Z                                8 Z
-// (the CUDA ZeRO 2 / 3 rows are the design: core/zero3.h runs on the CPU so far)
 //   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
 //                          the LayerNorm / softmax statistics and the losses (fp32)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
@@ -77,9 +76,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
     const double Z = double(s.L) * double(lay.shard) + double(lay.rest_shard), blk = double(lay.block());
     const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : n_pad;
     const double bufs = zero_stage == 3 ? 2 : 1;
-    add("parameters (fp32; the master weights on CUDA)", 4 * held + 4 * Z + (cpu ? 4 * bufs * blk : 0));
+    add("parameters (fp32; the master weights on CUDA)", cpu ? 4 * held + 4 * Z + 4 * bufs * blk : 4 * Z);
     add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * held + 2 * Z + 2 * bufs * blk);
-    add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk + 4 * double(lay.shard));
+    add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk);
     add("optimizer m, v (fp32)", 8 * Z);
   }
   // activations: the model's own layout for rank 0 of the sequence group
@@ -180,8 +179,7 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
       out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
-  out += "(CPU rows and CUDA ZeRO 0/1: what the model and optimizer allocate; CUDA ZeRO 2/3: the design, "
-         "core/zero3.h runs on the CPU so far)\n";
+  out += "(every row: what the model and the optimizer allocate, up to 256-byte alignment)\n";
   const bool cuda = cfg.runtime.device == "cuda";
   out += fmt::format("runtime.device {}: the {} columns apply to this config\n", cfg.runtime.device,
                      cuda ? "CUDA bf16" : cfg.runtime.device == "cpu" ? "CPU fp32" : "CUDA (with a GPU) or CPU");

@@ -175,11 +175,6 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
         "parallel.emulate_sequence = {}: emulation measures one rank's work of a P-rank run (its losses are not a "
         "real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
         cfg.parallel.emulate_sequence));
-  if (cfg.parallel.zero_stage >= 2 && device == Device::cuda)
-    throw AllRanksUserError(fmt::format(
-        "parallel.zero_stage = {}: stages 2 and 3 (per-layer sharding, core/zero3.h) run on the CPU only so far; "
-        "on cuda use parallel.zero_stage 0 or 1",
-        cfg.parallel.zero_stage));
 
   if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
     llmc_header_for(cfg.model);  // fails now, not after training, when llm.c cannot hold this model
@@ -203,12 +198,14 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
 
   // ZeRO (core/zero.h) shards the flat buffers evenly over the world: pad them to a multiple of it.
   // Stages 2 and 3 work per layer (core/zero3.h): the model then stores no layer gradients (2) or
-  // no layer parameters and gradients (3), and the optimizer is LayerShardedZero.
+  // no layer parameters and gradients (3), and the optimizer is LayerShardedZero, whose shards are
+  // the fp32 master weights: on cuda the model keeps only its bf16 compute copy (master_weights).
   const int zero_stage = cfg.parallel.zero_stage;
   const bool per_layer = zero_stage >= 2;
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, parse_recompute(cfg.runtime.recompute), mpi.world_size};
   run.sharded_layer_grads = per_layer;
   run.sharded_layer_params = zero_stage == 3;
+  run.master_weights = !per_layer;
   GPT model(cfg.model, run, device, groups.sequence.get());
   model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
   ops::Context& ctx = model.context();
@@ -216,7 +213,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   std::optional<ZeroAdamW> optimizer;
   std::optional<LayerShardedZero> layer_zero;
   if (per_layer)
-    layer_zero.emplace(cfg.train, model, zero_stage, world);
+    layer_zero.emplace(cfg.train, model, zero_stage, world, &host);
   else
     optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device, &host);
   const GPTShape shape = model.shape();
@@ -312,7 +309,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   } else {
     model.init_weights(cfg.train.seed);
   }
-  model.refresh_compute_params();  // the bf16 copy of whatever the master weights now hold
+  // the bf16 copy of whatever the master weights now hold (ZeRO 2, 3: LayerShardedZero wrote it)
+  if (!per_layer) model.refresh_compute_params();
   state.world_size = mpi.world_size;
   state.sequence_parallel = P;
   state.zero_stage = cfg.parallel.zero_stage;
@@ -487,9 +485,12 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     }
   }
   if (first_step < cfg.train.max_steps) save(cfg.train.max_steps);
-  // At ZeRO 3 no rank holds the whole parameters: gather them on rank 0 for the export and the
-  // sample (which then runs on a whole P = 1 copy)
-  const bool gather_whole = zero_stage == 3 && (!cfg.checkpoint.export_llmc.empty() || cfg.train.sample_tokens > 0);
+  // At ZeRO 2 and 3 the whole fp32 weights exist only as the shards (at ZeRO 2 the model holds
+  // them whole on the CPU, but on cuda only as its bf16 compute copy): gather them on rank 0 for
+  // the export; at ZeRO 3 also for the sample (which then runs on a whole P = 1 copy on the CPU;
+  // at ZeRO 2 the sampler shares the model's whole compute copy)
+  const bool gather_whole = per_layer && (!cfg.checkpoint.export_llmc.empty() ||
+                                          (zero_stage == 3 && cfg.train.sample_tokens > 0));
   if (gather_whole) {
     if (world.rank() == 0) params_whole.resize(size_t(n_params));
     layer_zero->gather_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
@@ -511,7 +512,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       else
         tokenizer = std::make_unique<ByteTokenizer>();
       std::optional<GPT> whole;
-      if (gather_whole) {
+      if (gather_whole && zero_stage == 3) {
         whole.emplace(cfg.model, GPTRunShape{1, 1, 1, 0}, Device::cpu, nullptr);
         std::memcpy(whole->params_flat().data, final_params, size_t(n_params) * 4);
       }

@@ -27,26 +27,6 @@ std::array<int64_t, kNumParameterTensors> llmc_offsets(const std::vector<Paramet
 
 Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>(p), {n}, DType::f32, Device::cpu); }
 
-// A host pointer to read / write an fp32 staging buffer: the buffer itself on the CPU, else `host`
-// (filled from it for reading; written back by flush_to_device).
-const float* read_on_host(ops::Context& ctx, Tensor stage, std::vector<float>& host) {
-  if (stage.device == Device::cpu) return stage.f32();
-  host.resize(size_t(stage.numel()));
-  ops::copy(ctx, host_tensor(host.data(), stage.numel()), stage);
-  ops::synchronize(ctx);
-  return host.data();
-}
-float* write_on_host(Tensor stage, std::vector<float>& host) {
-  if (stage.device == Device::cpu) return stage.f32();
-  host.assign(size_t(stage.numel()), 0.f);
-  return host.data();
-}
-void flush_to_device(ops::Context& ctx, Tensor stage, const std::vector<float>& host) {
-  if (stage.device == Device::cpu) return;
-  ops::copy(ctx, stage, host_tensor(host.data(), stage.numel()));
-  ops::synchronize(ctx);  // `host` may be reused right after
-}
-
 }  // namespace
 
 LayerShardLayout LayerShardLayout::make(const GPTShape& s, int world_size) {
@@ -70,11 +50,13 @@ LayerShardLayout LayerShardLayout::make(const GPTShape& s, int world_size) {
   return lay;
 }
 
-LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world)
+LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world,
+                                   Communicator* host_world)
     : cfg_(cfg),
       model_(model),
       stage_(stage),
       world_(world),
+      host_world_(host_world ? *host_world : world),
       ctx_(model.context()),
       specs_(parameter_specs(model.shape())),
       lay_(LayerShardLayout::make(model.shape(), world.size())),
@@ -88,8 +70,18 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   ULYSSES_ASSERT(model.grads_padded().numel() == lay_.rest_padded() && model.grads_padded().dtype == DType::f32,
                  "the model's gradient buffer {} is not the fp32 rest block of {} elements (flat_multiple = W?)",
                  model.grads_padded().describe(), lay_.rest_padded());
-  param_dtype_ = model.params_padded().dtype;
-  ULYSSES_ASSERT(dtype_size(param_dtype_) <= 4, "parameters of dtype {}", dtype_name(param_dtype_));
+  ULYSSES_ASSERT(host_world_.size() == world.size() && host_world_.rank() == world.rank(),
+                 "host_world ({} of {}) is not world ({} of {})", host_world_.rank(), host_world_.size(), world.rank(),
+                 world.size());
+  // what forward reads: fp32 on cpu (the model's one buffer), bf16 on cuda (the model keeps no
+  // fp32 master there: the shards here are the master weights, see the top of core/zero3.h)
+  param_dtype_ = model.compute_params_padded().dtype;
+  ULYSSES_ASSERT(param_dtype_ == DType::f32 || param_dtype_ == DType::bf16, "parameters of dtype {}",
+                 dtype_name(param_dtype_));
+  ULYSSES_ASSERT(model.device() == Device::cpu || model.params_padded().empty(),
+                 "ZeRO {} on cuda: the model must be built with GPTRunShape::master_weights = false (its fp32 "
+                 "master would go stale: the master weights are the shards here)",
+                 stage);
   const bool separate = param_dtype_ != DType::f32;  // a compute copy beside the fp32 master
   const int64_t L = L_, S = lay_.shard, R = lay_.rest_shard, pb = int64_t(dtype_size(param_dtype_));
 
@@ -101,7 +93,7 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   const int buffers = stage == 3 ? 2 : 1;
   size_t o_buf[2] = {0, 0};
   for (int b = 0; b < buffers; ++b) o_buf[b] = reserve(lay_.block(), pb);
-  const size_t o_lgrad = reserve(lay_.block(), 4), o_recv = reserve(S, 4);
+  const size_t o_lgrad = reserve(lay_.block(), 4);
   arena_.allocate();  // zeroed: the padding of every shard and buffer stays 0
 
   master_ = arena_.tensor(o_master, {L, S}, DType::f32);
@@ -116,27 +108,25 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   rest_grad_ = arena_.tensor(o_rgrad, {R}, DType::f32);
   for (int b = 0; b < buffers; ++b) layer_buf_[size_t(b)] = arena_.tensor(o_buf[b], {lay_.block()}, param_dtype_);
   layer_grad_ = arena_.tensor(o_lgrad, {lay_.block()}, DType::f32);
-  recv_ = arena_.tensor(o_recv, {S}, DType::f32);
   model_.set_layer_hooks(this);
 }
 
 LayerShardedZero::~LayerShardedZero() { model_.set_layer_hooks(nullptr); }
 
 size_t LayerShardedZero::parameter_bytes() const {
-  size_t b = master_.bytes() + rest_master_.bytes() + layer_buf_[0].bytes() + layer_buf_[1].bytes();
+  size_t b = master_.bytes() + rest_master_.bytes();
+  for (const Tensor& buf : layer_buf_)
+    if (buf.data) b += buf.bytes();  // stage 2 has one (an empty Tensor() counts 1 element)
   if (compute_.data != master_.data) b += compute_.bytes() + rest_compute_.bytes();
   return b;
 }
 size_t LayerShardedZero::gradient_bytes() const {
-  return grad_shard_.bytes() + rest_grad_.bytes() + layer_grad_.bytes() + recv_.bytes();
+  return grad_shard_.bytes() + rest_grad_.bytes() + layer_grad_.bytes();
 }
 size_t LayerShardedZero::state_bytes() const { return m_.bytes() + v_.bytes() + rest_m_.bytes() + rest_v_.bytes(); }
 
 Tensor LayerShardedZero::own_slice(Tensor block) const {
   return block.rows(int64_t(world_.rank()) * lay_.shard, lay_.shard);
-}
-Tensor LayerShardedZero::own_rest_slice(Tensor rest) const {
-  return rest.rows(int64_t(world_.rank()) * lay_.rest_shard, lay_.rest_shard);
 }
 
 LayerTensors LayerShardedZero::views(Tensor block) const {
@@ -174,16 +164,18 @@ void LayerShardedZero::before_backward(int l) {
     gather_layer(l);  // after forward, layers L-1 and L-2 are still held
     if (l > 0) gather_layer(l - 1);
   }
-  ops::fill_zero(ctx_, layer_grad_);  // the model's backward accumulates into it
+  // the model's backward accumulates into layer_grad_ [W·S]: zero, except this rank's own slot,
+  // which starts as its gradient shard l so far (the reduce-scatter then sums it in)
+  ops::fill_zero(ctx_, layer_grad_);
+  ops::copy(ctx_, own_slice(layer_grad_), row(grad_shard_, l));
   grad_layer_ = l;
 }
 
 void LayerShardedZero::after_backward(int l) {
   ULYSSES_ASSERT(grad_layer_ == l, "after_backward({}) while layer {} runs", l, grad_layer_);
-  // sum over the world, this rank's [S] part, added to its shard (micro-batches accumulate)
-  world_.reduce_scatter(layer_grad_.data, recv_.data, size_t(lay_.shard), DType::f32, ReduceOp::sum);
-  Tensor shard = row(grad_shard_, l);
-  ops::residual_forward(ctx_, shard, shard, recv_);
+  // [W·S] summed over the world -> this rank's [S], straight into its shard: the shard's old value
+  // sat in this rank's slot (before_backward), so the micro-batches accumulate
+  world_.reduce_scatter(layer_grad_.data, row(grad_shard_, l).data, size_t(lay_.shard), DType::f32, ReduceOp::sum);
   grad_layer_ = -1;
 }
 
@@ -209,7 +201,7 @@ double LayerShardedZero::reduce_gradients() {
   world_.reduce_scatter(model_.grads_padded().data, rest_grad_.data, size_t(lay_.rest_shard), DType::f32,
                         ReduceOp::sum);
   double squares = ops::sum_squares(ctx_, grad_shard_) + ops::sum_squares(ctx_, rest_grad_);  // padding is 0
-  world_.all_reduce(&squares, &squares, 1, DType::f64, ReduceOp::sum);
+  host_world_.all_reduce(&squares, &squares, 1, DType::f64, ReduceOp::sum);  // a host value
   return squares;
 }
 
@@ -279,22 +271,19 @@ void LayerShardedZero::publish() {
 void LayerShardedZero::init_weights(uint64_t seed) {
   const int64_t S = lay_.shard, begin = int64_t(world_.rank()) * S;
   const int64_t R = lay_.rest_shard, rbegin = int64_t(world_.rank()) * R;
-  ops::fill_zero(ctx_, master_);
-  ops::fill_zero(ctx_, rest_master_);
+  // this rank's master shards built in host memory (zero padding), then copied over once
+  std::vector<float> master(size_t(L_ * S), 0.f), rest_master(size_t(R), 0.f);
   // values [n] for places [pos, pos + n) of a layer block (or the rest): keep those in this
-  // rank's shard [shard_begin, shard_begin + shard_size), at dst_begin of dst
-  auto keep = [&](Tensor dst, int64_t dst_begin, int64_t shard_begin, int64_t shard_size, int64_t pos,
-                  const float* values, int64_t n) {
+  // rank's shard [shard_begin, shard_begin + shard_size), whose first element is dst
+  auto keep = [](float* dst, int64_t shard_begin, int64_t shard_size, int64_t pos, const float* values, int64_t n) {
     const int64_t lo = std::max(pos, shard_begin), hi = std::min(pos + n, shard_begin + shard_size);
-    if (lo >= hi) return;
-    ops::copy(ctx_, span(dst, dst_begin + lo - shard_begin, hi - lo), host_tensor(values + (lo - pos), hi - lo));
-    ops::synchronize(ctx_);  // `values` is reused for the next chunk
+    if (lo < hi) std::memcpy(dst + (lo - shard_begin), values + (lo - pos), size_t(hi - lo) * 4);
   };
   auto sink = [&](int i, int64_t first, const float* values, int64_t n) {
     if (i < kFirstLayerTensor || i >= kFirstLayerTensor + kNumLayerTensors) {  // the rest
       const auto& rt = LayerShardLayout::kRestTensors;
       const size_t j = size_t(std::find(rt.begin(), rt.end(), i) - rt.begin());
-      keep(rest_master_, 0, rbegin, R, lay_.rest_offset[j] + first, values, n);
+      keep(rest_master.data(), rbegin, R, lay_.rest_offset[j] + first, values, n);
       return;
     }
     // a stacked [L, ...] tensor: split the chunk at layer boundaries
@@ -302,42 +291,47 @@ void LayerShardedZero::init_weights(uint64_t seed) {
     const int64_t nk = lay_.numel[size_t(k)];
     for (int64_t e = first; e < first + n;) {
       const int64_t l = e / nk, o = e % nk, len = std::min(nk - o, first + n - e);
-      keep(master_, l * S, begin, S, lay_.offset[size_t(k)] + o, values + (e - first), len);
+      keep(master.data() + l * S, begin, S, lay_.offset[size_t(k)] + o, values + (e - first), len);
       e += len;
     }
   };
   parameter_init_values(model_.shape(), model_.init_std(), seed, sink);
+  ops::copy(ctx_, master_, host_tensor(master.data(), L_ * S).reshape({L_, S}));
+  ops::copy(ctx_, rest_master_, host_tensor(rest_master.data(), R));
+  ops::synchronize(ctx_);  // the host vectors are freed on return
   refresh_compute_shards();
   publish();
 }
 
+// Both checkpoint paths move one [W·S] layer block (or the [W·R] rest) of one array at a time
+// through host memory over host_world: a few hundred MB at most for the largest shapes, and the
+// device needs no staging buffer.
 void LayerShardedZero::gather_full(float* params, float* m, float* v, bool with_state) {
   const bool root = world_.rank() == 0;
   ULYSSES_ASSERT(!root || (params && (!with_state || (m && v))), "gather_full: rank 0 needs the output buffers");
   const auto flat = llmc_offsets(specs_);
+  const int64_t S = lay_.shard, R = lay_.rest_shard;
   const Tensor layer_shards[3] = {master_, m_, v_}, rest_shards[3] = {rest_master_, rest_m_, rest_v_};
   float* outs[3] = {params, m, v};
-  std::vector<float> host;
+  std::vector<float> shard(size_t(std::max(S, R))), block(size_t(std::max(lay_.block(), lay_.rest_padded())));
   for (int a = 0; a < (with_state ? 3 : 1); ++a) {
     for (int l = 0; l < L_; ++l) {
-      // staging: the layer gradient buffer [W·S] fp32; every rank's shard at its slot, in place
-      const Tensor stage = layer_grad_;
-      ops::copy(ctx_, own_slice(stage), row(layer_shards[a], l));
-      world_.all_gather(own_slice(stage).data, stage.data, size_t(lay_.shard), DType::f32);
+      // this rank's [S] of layer l -> host; all-gather: layer l's block [W·S] on every rank
+      ops::copy(ctx_, host_tensor(shard.data(), S), row(layer_shards[a], l));
+      ops::synchronize(ctx_);
+      host_world_.all_gather(shard.data(), block.data(), size_t(S), DType::f32);
       if (!root) continue;
-      const float* block = read_on_host(ctx_, stage, host);
       for (int k = 0; k < kNumLayerTensors; ++k)
         std::memcpy(outs[a] + flat[size_t(kFirstLayerTensor + k)] + l * lay_.numel[size_t(k)],
-                    block + lay_.offset[size_t(k)], size_t(lay_.numel[size_t(k)]) * 4);
+                    block.data() + lay_.offset[size_t(k)], size_t(lay_.numel[size_t(k)]) * 4);
     }
-    // the rest, staged in the model's rest gradient buffer [W·R] fp32
-    const Tensor stage = model_.grads_padded();
-    ops::copy(ctx_, own_rest_slice(stage), rest_shards[a]);
-    world_.all_gather(own_rest_slice(stage).data, stage.data, size_t(lay_.rest_shard), DType::f32);
+    // the rest: [R] per rank -> [W·R]
+    ops::copy(ctx_, host_tensor(shard.data(), R), rest_shards[a]);
+    ops::synchronize(ctx_);
+    host_world_.all_gather(shard.data(), block.data(), size_t(R), DType::f32);
     if (!root) continue;
-    const float* rest = read_on_host(ctx_, stage, host);
     for (size_t j = 0; j < LayerShardLayout::kRestTensors.size(); ++j)
-      std::memcpy(outs[a] + flat[size_t(LayerShardLayout::kRestTensors[j])], rest + lay_.rest_offset[j],
+      std::memcpy(outs[a] + flat[size_t(LayerShardLayout::kRestTensors[j])], block.data() + lay_.rest_offset[j],
                   size_t(lay_.rest_numel[j]) * 4);
   }
 }
@@ -346,37 +340,35 @@ void LayerShardedZero::scatter_full(const float* params, const float* m, const f
   const bool root = world_.rank() == 0;
   ULYSSES_ASSERT(!root || (params && (!with_state || (m && v))), "scatter_full: rank 0 needs the input buffers");
   const auto flat = llmc_offsets(specs_);
+  const int64_t S = lay_.shard, R = lay_.rest_shard, r = world_.rank();
   const Tensor layer_shards[3] = {master_, m_, v_}, rest_shards[3] = {rest_master_, rest_m_, rest_v_};
   const float* ins[3] = {params, m, v};
   if (!with_state)
     for (int a = 1; a < 3; ++a) ops::fill_zero(ctx_, layer_shards[a]), ops::fill_zero(ctx_, rest_shards[a]);
-  std::vector<float> host;
+  std::vector<float> block(size_t(std::max(lay_.block(), lay_.rest_padded())));
   for (int a = 0; a < (with_state ? 3 : 1); ++a) {
     for (int l = 0; l < L_; ++l) {
-      // rank 0 lays out layer l's block (zero padding) in the staging buffer; everyone keeps its slice
-      const Tensor stage = layer_grad_;
+      // rank 0 lays out layer l's block [W·S] (zero padding), broadcasts it; everyone keeps its [S]
       if (root) {
-        float* block = write_on_host(stage, host);
-        std::memset(block, 0, stage.bytes());
+        std::fill(block.begin(), block.end(), 0.f);
         for (int k = 0; k < kNumLayerTensors; ++k)
-          std::memcpy(block + lay_.offset[size_t(k)], ins[a] + flat[size_t(kFirstLayerTensor + k)] + l * lay_.numel[size_t(k)],
+          std::memcpy(block.data() + lay_.offset[size_t(k)],
+                      ins[a] + flat[size_t(kFirstLayerTensor + k)] + l * lay_.numel[size_t(k)],
                       size_t(lay_.numel[size_t(k)]) * 4);
-        flush_to_device(ctx_, stage, host);
       }
-      world_.broadcast(stage.data, size_t(lay_.block()), DType::f32, 0);
-      ops::copy(ctx_, row(layer_shards[a], l), own_slice(stage));
+      host_world_.broadcast(block.data(), size_t(lay_.block()), DType::f32, 0);
+      ops::copy(ctx_, row(layer_shards[a], l), host_tensor(block.data() + r * S, S));
+      ops::synchronize(ctx_);  // `block` is refilled next
     }
-    const Tensor stage = model_.grads_padded();
     if (root) {
-      float* rest = write_on_host(stage, host);
-      std::memset(rest, 0, stage.bytes());
+      std::fill(block.begin(), block.end(), 0.f);
       for (size_t j = 0; j < LayerShardLayout::kRestTensors.size(); ++j)
-        std::memcpy(rest + lay_.rest_offset[j], ins[a] + flat[size_t(LayerShardLayout::kRestTensors[j])],
+        std::memcpy(block.data() + lay_.rest_offset[j], ins[a] + flat[size_t(LayerShardLayout::kRestTensors[j])],
                     size_t(lay_.rest_numel[j]) * 4);
-      flush_to_device(ctx_, stage, host);
     }
-    world_.broadcast(stage.data, size_t(lay_.rest_padded()), DType::f32, 0);
-    ops::copy(ctx_, rest_shards[a], own_rest_slice(stage));
+    host_world_.broadcast(block.data(), size_t(lay_.rest_padded()), DType::f32, 0);
+    ops::copy(ctx_, rest_shards[a], host_tensor(block.data() + r * R, R));
+    ops::synchronize(ctx_);
   }
   refresh_compute_shards();
   publish();

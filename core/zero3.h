@@ -8,33 +8,54 @@
 // starts at a multiple of kAlign elements in it, and the block is padded with zeros to W · S
 // (S, the shard, also a multiple of kAlign). Rank r owns [r·S, (r+1)·S) of every layer's block:
 //   master [L, S] fp32, m [L, S], v [L, S], gradient shard [L, S] (fp32)
-//   compute shard [L, S] in the model's parameter dtype (on the CPU fp32: the master itself;
-//     on the GPU the bf16 copy that adamw_update's param_lowp writes)
+//   compute shard [L, S] in the model's compute dtype (on the CPU fp32: the master itself; on
+//     the GPU the bf16 copy that adamw_update's param_lowp writes)
 //   stage 3: two layer buffers [W·S] (compute dtype), used alternately: layer l lives in
 //     buffer l % 2, so the gather of the next layer (l + 1 in forward, l - 1 in backward) can
 //     run while layer l computes; stage 2: one, used only to publish updated parameters
-//   one layer gradient buffer [W·S] (fp32) that the model's backward accumulates layer l into,
-//     and the reduce-scatter's receive buffer [S]
+//   one layer gradient buffer [W·S] (fp32) that the model's backward accumulates layer l into
 // The non-layer tensors (wte, wpe, lnfw, lnfb: the "rest") stay whole in the model on every rank,
 // parameters and gradients (GPTRunShape::sharded_layer_*), as a contiguous block padded to W · R;
 // their master, m, v and summed gradient are sharded ([R] per rank) as at ZeRO 2.
 //
+// Devices. On the CPU everything is fp32 host memory and the model's one parameter buffer is
+// also what forward reads. On cuda everything above is device memory; the model is built with
+// GPTRunShape::master_weights = false (it holds only the bf16 compute copy: of every tensor at
+// stage 2, of the rest at stage 3) because the fp32 master weights are the shards here; the
+// layer buffers and the published parameters are bf16, so the parameter all-gathers move 2 bytes
+// per parameter; the gradients stay fp32 (the model's backward accumulates fp32 weight
+// gradients). `world` is then a device communicator (NCCL, or MPI staged through pinned host
+// memory), and every host value (the gradient norm's scalar) and the checkpoint staging go
+// through `host_world` (MPI on host memory; on the CPU the same communicator as world).
+//
 // One optimizer step (the trainer):
 //   zero_grad; per micro-batch: forward (before_forward(l): gather l, prefetch l + 1), backward
-//   (before_backward(l): gather l, prefetch l - 1, zero the layer gradient buffer;
-//   after_backward(l): reduce_scatter(sum) it and add this rank's part to the gradient shard l);
-//   reduce_gradients: reduce_scatter the rest's gradient, the squared norm of all shards (one
-//   scalar all_reduce); update: AdamW on this rank's shards (weight decay per tensor, across
-//   shard boundaries), then publish: stage 3 marks the layer buffers stale (the next forward
-//   gathers), stage 2 all-gathers each layer into the model's whole parameters; the rest is
-//   all-gathered into the model at both stages.
-// On the CPU/MPI backend every collective blocks, so the prefetch only means the buffer scheme;
-// on the GPU the gathers are meant for a second stream, ordered with events (buffer free /
-// gathered). Until then the world communicator must enqueue on the model context's stream
-// (Communicator::set_stream), which orders every collective here with the ops around it.
+//   (before_backward(l): gather l, prefetch l - 1, zero the layer gradient buffer and put this
+//   rank's gradient shard l into its own slot of it; after_backward(l): reduce_scatter(sum) it
+//   straight into the gradient shard l: the slot's old value is summed in, so the micro-batches
+//   accumulate without an add kernel); reduce_gradients: reduce_scatter the rest's gradient, the
+//   squared norm of all shards (one scalar all_reduce over host_world); update: AdamW on this
+//   rank's shards (weight decay per tensor, across shard boundaries; on cuda the bf16 compute
+//   shard written in the same pass), then publish: stage 3 marks the layer buffers stale (the
+//   next forward gathers), stage 2 all-gathers each layer's compute shards into the model's
+//   whole compute parameters; the rest is all-gathered into the model at both stages.
+//
+// Streams. Every collective on `world` is enqueued on the model context's stream (the trainer
+// sets Communicator::set_stream to it), after the kernels that wrote its input and before those
+// that read its output, so one stream orders everything and no event is needed; the host waits
+// only in reduce_gradients (sum_squares) and in the checkpoint / init paths. The price: the
+// prefetch of layer l ± 1 runs after layer l's kernels, not beside them. Real overlap needs a
+// comm stream for the gathers (and the reduce-scatters), with events: "buffer b free" recorded
+// on the model stream after the last kernel of the layer that used buffer b (the comm stream
+// waits on it before gathering into b), and "layer l gathered" recorded on the comm stream after
+// the gather (the model stream waits on it in before_forward / before_backward). The places are
+// gather_layer (wait free, gather, record gathered) and after_backward (the reduce-scatter on the
+// comm stream after a "gradients done" event; before_backward's zeroing then waits for it).
+// With the staged MPI backend the collectives are host-blocking anyway, so only NCCL would gain.
 //
 // Checkpoints hold the whole parameters, m and v in llm.c order, as at every stage: gather_full
-// collects them on rank 0, scatter_full distributes them, so any stage resumes any other.
+// collects them on rank 0, scatter_full distributes them (both through host memory over
+// host_world), so any stage resumes any other.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -50,7 +71,10 @@ namespace ulysses {
 
 // Where everything sits for a model shape on W ranks (also what `ulysses estimate` counts).
 struct LayerShardLayout {
-  static constexpr int64_t kAlign = 64;  // elements: 128 B in bf16, 256 B in fp32
+  // elements: 256 B in bf16, 512 B in fp32. 256 B, because cuBLASLt's algorithm choice is made
+  // (and cached) per pointer alignment up to 256 B (kernels/cuda/matmul.cpp): a layer's weights
+  // gathered here then run the same GEMMs as the model's own compute copy at ZeRO 0 / 1
+  static constexpr int64_t kAlign = 128;
   int world = 1;
   std::array<int64_t, kNumLayerTensors> offset{};  // each layer tensor's start in a layer block
   std::array<int64_t, kNumLayerTensors> numel{};   // its elements (one layer)
@@ -67,8 +91,12 @@ struct LayerShardLayout {
 class LayerShardedZero : public LayerHooks {
  public:
   // model: built with run.sharded_layer_grads (stage 2) or also sharded_layer_params (stage 3)
-  // and run.flat_multiple = W; installs itself as the model's LayerHooks. world: all ranks.
-  LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world);
+  // and run.flat_multiple = W (on cuda also master_weights = false); installs itself as the
+  // model's LayerHooks. world: all ranks, on the model's memory (a device communicator on cuda,
+  // its stream the model's); host_world: the same ranks on host memory (null: world is on host
+  // memory already).
+  LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world,
+                   Communicator* host_world = nullptr);
   ~LayerShardedZero() override;
   LayerShardedZero(const LayerShardedZero&) = delete;
   LayerShardedZero& operator=(const LayerShardedZero&) = delete;
@@ -77,7 +105,8 @@ class LayerShardedZero : public LayerHooks {
   const LayerShardLayout& layout() const { return lay_; }
 
   // GPT-2 init (parameter_init_values, the same values as GPT::init_weights): this rank keeps its
-  // shards, then the parameters are published to the model. Collective.
+  // shards (built in host memory, copied over once), then the parameters are published to the
+  // model. Collective.
   void init_weights(uint64_t seed);
 
   // Zeroes the gradient shards (call with model.zero_grad() at the start of a step).
@@ -91,14 +120,15 @@ class LayerShardedZero : public LayerHooks {
   // Checkpoints (collective). gather_full: rank 0's params, m, v (n parameters each, llm.c order)
   // are filled; other ranks pass null; with_state = false gathers the parameters only.
   // scatter_full: rank 0 passes them (m, v ignored without with_state: then they are zeroed),
-  // every rank keeps its shards and the model gets the parameters. Both use the gradient
-  // buffers as staging: call them between steps.
+  // every rank keeps its shards and the model gets the parameters. Both stage one layer at a
+  // time through host memory over host_world; scatter_full publishes through the model's rest
+  // gradient buffer, so call them between steps.
   void gather_full(float* params, float* m, float* v, bool with_state);
   void scatter_full(const float* params, const float* m, const float* v, bool with_state);
 
   // bytes this rank holds here (beyond the model's own buffers), for the log and the tests
   size_t parameter_bytes() const;  // master + compute shards + layer buffers
-  size_t gradient_bytes() const;   // gradient shards + layer gradient buffer + receive buffer
+  size_t gradient_bytes() const;   // gradient shards + layer gradient buffer
   size_t state_bytes() const;      // m, v
 
   // LayerHooks
@@ -114,26 +144,26 @@ class LayerShardedZero : public LayerHooks {
   void gather_layer(int l);        // into buffer l % 2 unless it holds l already
   void refresh_compute_shards();   // compute = master (after init / load)
   void publish();                  // the updated parameters to the model (see above)
-  // this rank's slice [r·S, (r+1)·S) of a [W·S] block, and row l of a [L, S] tensor
+  // this rank's slice [r·S, (r+1)·S) of a [W·S] block
   Tensor own_slice(Tensor block) const;
-  Tensor own_rest_slice(Tensor rest) const;
 
   TrainConfig cfg_;
   GPT& model_;
   int stage_;
   Communicator& world_;
+  Communicator& host_world_;
   ops::Context& ctx_;
   std::vector<ParameterSpec> specs_;
   LayerShardLayout lay_;
   int L_ = 0;
-  DType param_dtype_ = DType::f32;
+  DType param_dtype_ = DType::f32;  // the model's compute dtype (bf16 on cuda)
   Arena arena_;
   Tensor master_, compute_, m_, v_, grad_shard_;          // [L, S]
   Tensor rest_master_, rest_m_, rest_v_, rest_grad_;      // [R]
   Tensor rest_compute_;                                   // [R] in param dtype (aliases rest_master_ if fp32)
   std::array<Tensor, 2> layer_buf_;                       // [W·S] compute dtype (stage 2: one)
   std::array<int, 2> resident_ = {-1, -1};                // layer held by each buffer
-  Tensor layer_grad_, recv_;                              // [W·S], [S] fp32
+  Tensor layer_grad_;                                     // [W·S] fp32
   int grad_layer_ = -1;                                   // layer whose backward is running
 };
 

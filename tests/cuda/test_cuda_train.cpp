@@ -3,18 +3,24 @@
 //       the same data: every training and validation loss within kCpuTolerance (relative), and
 //       the loss falls by much more than that tolerance, so a wrong gradient cannot hide in it;
 //   (b) the cuda run repeated gives bit-identical losses (deterministic kernels, fixed order);
-//   (c) 4 ranks sharing one GPU, SP = 4, ZeRO 1, backend mpi (staged through pinned host memory)
-//       reproduce the 1-rank cuda run (rank 0 alone, on MPI_COMM_SELF) within kSpTolerance (ZeRO 1
-//       over 4 ranks: the staged in-place all-gather of the master weights and the compute-copy
-//       refresh after it; ZeRO 2 and 3 run per layer on the CPU only, run_train refuses them on cuda);
+//   (c) 4 ranks sharing one GPU, SP = 4, ZeRO 2 and 3, backend mpi (staged through pinned host
+//       memory) reproduce the 1-rank cuda run (rank 0 alone, on MPI_COMM_SELF) within kSpTolerance;
 //   (d) the NCCL backend on 1 rank trains 3 steps with losses bit-identical to the staged MPI
 //       backend's (a 1-rank all-reduce is an identity on both);
-//   (e) a checkpoint written on cuda and resumed continues with bit-identical losses (ZeRO 0
-//       and 1), and the llm.c export holds the final checkpoint's weights.
+//   (e) a checkpoint written on cuda and resumed continues with bit-identical losses (ZeRO 0,
+//       1, 2 and 3), and the llm.c export holds the final checkpoint's weights;
+//   (f) ZeRO 2 and 3 (per layer, core/zero3.h) on cuda: within kCpuTolerance of the cpu, and
+//       ZeRO 3 against ZeRO 0 on cuda: the first loss bitwise (the same bf16 weights), every
+//       loss within kStageTolerance; both also sample (ZeRO 2 on the shared compute copy, ZeRO 3
+//       on a gathered CPU copy); the 4-rank case (c) runs ZeRO 3 too;
+//   (g) what LayerShardedZero and the model allocate on cuda is what `ulysses estimate` says
+//       (its ZeRO 2 / 3 rows, to the byte), on 1 rank and on 4.
 // Tolerances (bf16 weights and activations against fp32): kCpuTolerance = 2e-2 relative on the
 // loss (bf16 rounds to 2^-9 relative per op; over 10 steps the losses of the two typically differ
 // by 1e-3..5e-3); kSpTolerance = 5e-3 (both sides bf16; only the GEMM row counts and the gradient
-// summation order differ). The data: a byte-level text from a small grammar, so the loss falls
+// summation order differ); kStageTolerance = 1e-3 (the same kernels on the same bf16 weights;
+// only the gradient norm's summation order differs, which can move the clip factor by an ulp).
+// The data: a byte-level text from a small grammar, so the loss falls
 // from ln(256) = 5.55 by more than 1 in 10 steps (5.58 -> 2.74 on the cpu). The learning rate is
 // one at which those 10 steps have no loss spike (at 1e-3 and above the cpu run spikes near step
 // 5, where any two precisions part by more than a rounding error).
@@ -40,8 +46,12 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "core/gpt.h"
+#include "comm/groups.h"
 #include "core/llmc.h"
+#include "core/memory_estimate.h"
 #include "core/trainer.h"
+#include "core/zero.h"
+#include "core/zero3.h"
 
 namespace fs = std::filesystem;
 using namespace ulysses;
@@ -50,6 +60,7 @@ namespace {
 
 constexpr double kCpuTolerance = 2e-2;
 constexpr double kSpTolerance = 5e-3;
+constexpr double kStageTolerance = 1e-3;
 
 int world_rank() {
   int r = 0;
@@ -147,6 +158,41 @@ std::string metrics_of(const fs::path& dir, const std::string& name) {
   return "logging.metrics_file=" + (dir / (name + ".jsonl")).string();
 }
 
+// (g) A model and LayerShardedZero at `stage` on cuda over the ranks of `comm` (staged MPI, every
+// rank on the same GPU): their buffers against the estimate's rows, byte for byte. The rows are
+// 0 parameters (fp32), 1 bf16 compute copy, 2 gradients, 3 optimizer m, v (core/memory_estimate.cpp).
+void check_zero_memory_rows(int stage, MPI_Comm comm) {
+  CAPTURE(stage);
+  Config cfg;
+  cfg.model.n_layer = 3;
+  cfg.model.n_embd = 96;  // a shard that does not divide evenly: padding in every row
+  cfg.model.n_head = 3;
+  cfg.model.vocab_size = 300;
+  cfg.model.max_seq_len = 64;
+  cfg.train.micro_batch_size = 1;
+  cfg.train.seq_len = 64;
+  ProcessGroups groups = make_process_groups(1, CommBackend::mpi, Device::cuda, comm);
+  const int W = groups.world_size;
+  GPTRunShape run{1, 64, 1, 0, Recompute::none, W};
+  run.sharded_layer_grads = true;
+  run.sharded_layer_params = stage == 3;
+  run.master_weights = false;
+  GPT model(cfg.model, run, Device::cuda, nullptr);
+  groups.set_stream(model.context().stream());
+  LayerShardedZero zero(cfg.train, model, stage, *groups.world, &groups.host_world());
+  const MemoryEstimate e = estimate_memory(cfg, W, 1, 64, Recompute::none, stage, MemoryLayout::cuda_bf16);
+  REQUIRE(e.items.size() > 4);
+  CHECK(model.params_padded().bytes() == 0);  // no fp32 master in the model
+  // parameters + compute copy together (parameter_bytes(): the fp32 master and bf16 compute
+  // shards and the bf16 layer buffers); the fp32 row alone: the master shards, as large as m
+  CHECK(double(model.compute_params_padded().bytes() + zero.parameter_bytes()) == e.items[0].bytes + e.items[1].bytes);
+  CHECK(e.items[0].bytes == double(zero.state_bytes()) / 2);
+  const int64_t held = stage == 3 ? zero.layout().rest_padded() : ZeroAdamW::padded_count(num_parameters(model.shape()), W);
+  CHECK(model.compute_params_padded().bytes() == size_t(held) * 2);
+  CHECK(double(model.grads_padded().bytes() + zero.gradient_bytes()) == e.items[2].bytes);
+  CHECK(double(zero.state_bytes()) == e.items[3].bytes);
+}
+
 }  // namespace
 
 TEST_CASE("cuda training matches the cpu, repeats bit for bit, and samples", "[one_rank]") {
@@ -197,7 +243,7 @@ TEST_CASE("nccl on one rank trains exactly like staged mpi", "[one_rank]") {
 TEST_CASE("a cuda checkpoint resumes bit for bit; the llm.c export holds the final weights", "[one_rank]") {
   const fs::path dir = job_dir("resume");
   write_text_shards(dir);
-  for (int stage : {0, 1}) {
+  for (int stage : {0, 1, 2, 3}) {
     CAPTURE(stage);
     const std::string zero = "parallel.zero_stage=" + std::to_string(stage);
     const std::string ckpt = (dir / ("ckpt" + std::to_string(stage))).string();
@@ -229,16 +275,61 @@ TEST_CASE("a cuda checkpoint resumes bit for bit; the llm.c export holds the fin
   fs::remove_all(dir);
 }
 
-TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 1) reproduces the 1-rank cuda run", "[four_ranks]") {
+TEST_CASE("ZeRO 2 and 3 on cuda match the cpu and ZeRO 0, and sample", "[one_rank]") {
+  const fs::path dir = job_dir("zero3");
+  write_text_shards(dir);
+  // (f) the references: the cpu at ZeRO 0 (tests/scale/test_zero3 holds the cpu's ZeRO 2, 3 to
+  // it) and cuda at ZeRO 0
+  REQUIRE(train(small_config(dir, {"runtime.device=cpu", metrics_of(dir, "cpu")})) == 0);
+  REQUIRE(train(small_config(dir, {"runtime.device=cuda", metrics_of(dir, "cuda0")})) == 0);
+  const auto cpu = numbers(field_values(dir / "cpu.jsonl", "loss"));
+  const auto cpu_val = numbers(field_values(dir / "cpu.jsonl", "val_loss"));
+  REQUIRE(cpu.size() == 10);
+  REQUIRE(cpu.front() - cpu.back() > 1.0);
+  for (int stage : {2, 3}) {
+    CAPTURE(stage);
+    const std::string name = "cuda_zero" + std::to_string(stage);
+    REQUIRE(train(small_config(dir, {"runtime.device=cuda", "parallel.zero_stage=" + std::to_string(stage),
+                                     "train.sample_tokens=16", metrics_of(dir, name)})) == 0);
+    const auto losses = numbers(field_values(dir / (name + ".jsonl"), "loss"));
+    REQUIRE(losses.size() == 10);
+    const double cpu_diff = max_relative_difference(losses, cpu);
+    const double val_diff = max_relative_difference(numbers(field_values(dir / (name + ".jsonl"), "val_loss")), cpu_val);
+    const double stage0_diff = max_relative_difference(losses, numbers(field_values(dir / "cuda0.jsonl", "loss")));
+    std::printf("test_cuda_train: ZeRO %d on cuda: max relative loss difference vs cpu: train %.3g, val %.3g "
+                "(tolerance %.3g); vs cuda ZeRO 0: %.3g (tolerance %.3g)\n",
+                stage, cpu_diff, val_diff, kCpuTolerance, stage0_diff, kStageTolerance);
+    INFO("vs cpu: train " << cpu_diff << ", val " << val_diff << "; vs cuda ZeRO 0: " << stage0_diff);
+    CHECK(cpu_diff < kCpuTolerance);
+    CHECK(val_diff < kCpuTolerance);
+    CHECK(stage0_diff < kStageTolerance);
+    // the first step reads the same bf16 weights (the same init, cast the same way): bitwise
+    CHECK(field_values(dir / (name + ".jsonl"), "loss").front() == field_values(dir / "cuda0.jsonl", "loss").front());
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("ZeRO 2 and 3 on cuda allocate what the estimate says (1 rank)", "[one_rank]") {
+  // (g)
+  for (int stage : {2, 3}) check_zero_memory_rows(stage, MPI_COMM_SELF);
+}
+
+TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 2 and 3) reproduces the 1-rank cuda run",
+          "[four_ranks]") {
   if (world_size() != 4) {
     WARN("needs mpirun -np 4; skipped");
     return;
   }
   const fs::path dir = job_dir("sp4");
   write_text_shards(dir);
-  // (c) all 4 ranks: SP = 4 (auto picks mpi here, since the ranks share a GPU: forced to be sure)
+  // (g) on 4 ranks: shards with padding
+  for (int stage : {2, 3}) check_zero_memory_rows(stage, MPI_COMM_WORLD);
+  // (c) all 4 ranks: SP = 4 (auto picks mpi here, since the ranks share a GPU: forced to be sure),
+  // ZeRO 2 and ZeRO 3 (per layer, sharded over the 4 ranks)
   REQUIRE(train(small_config(dir, {"runtime.device=cuda", "parallel.sequence=4", "parallel.backend=mpi",
-                                   "parallel.zero_stage=1", metrics_of(dir, "sp4")})) == 0);
+                                   "parallel.zero_stage=2", metrics_of(dir, "sp4")})) == 0);
+  REQUIRE(train(small_config(dir, {"runtime.device=cuda", "parallel.sequence=4", "parallel.backend=mpi",
+                                   "parallel.zero_stage=3", metrics_of(dir, "sp4_zero3")})) == 0);
   // rank 0 alone: the 1-rank reference (no REQUIRE in here: the other ranks wait at the Bcast)
   int ok = 1;
   if (world_rank() == 0) {
@@ -246,12 +337,16 @@ TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 1) reproduces the 1
                          MPI_COMM_SELF);
     const auto one = numbers(field_values(dir / "one.jsonl", "loss"));
     const auto sp4 = numbers(field_values(dir / "sp4.jsonl", "loss"));
-    const double train_diff = max_relative_difference(sp4, one);
-    const double val_diff = max_relative_difference(numbers(field_values(dir / "sp4.jsonl", "val_loss")),
-                                                    numbers(field_values(dir / "one.jsonl", "val_loss")));
+    const auto sp4_zero3 = numbers(field_values(dir / "sp4_zero3.jsonl", "loss"));
+    const double train_diff = std::max(max_relative_difference(sp4, one), max_relative_difference(sp4_zero3, one));
+    const double val_diff =
+        std::max(max_relative_difference(numbers(field_values(dir / "sp4.jsonl", "val_loss")),
+                                         numbers(field_values(dir / "one.jsonl", "val_loss"))),
+                 max_relative_difference(numbers(field_values(dir / "sp4_zero3.jsonl", "val_loss")),
+                                         numbers(field_values(dir / "one.jsonl", "val_loss"))));
     INFO("1 rank: exit " << rc << ", loss " << (one.empty() ? 0 : one.front()) << " -> "
                          << (one.empty() ? 0 : one.back()));
-    std::printf("test_cuda_train: max relative loss difference SP=4 vs 1 rank: train %.3g, val %.3g "
+    std::printf("test_cuda_train: max relative loss difference SP=4 (ZeRO 2 and 3) vs 1 rank: train %.3g, val %.3g "
                 "(tolerance %.3g)\n", train_diff, val_diff, kSpTolerance);
     INFO("max relative loss difference SP=4 vs 1 rank: train " << train_diff << ", val " << val_diff);
     CHECK(rc == 0);
