@@ -472,6 +472,11 @@ void GPT::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   ops::matmul_forward(ctx_, out, inp, weight, bias);
 }
 
+void GPT::matmul_gelu_forward(Tensor out_gelu, Tensor pre_gelu, Tensor inp, Tensor weight, Tensor bias) {
+  if (counting_) op_counts_.matmul_flops += 2ull * uint64_t(pre_gelu.numel()) * uint64_t(inp.size(-1));
+  ops::matmul_gelu_forward(ctx_, out_gelu, pre_gelu, inp, weight, bias);
+}
+
 void GPT::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight) {
   const uint64_t one = 2ull * uint64_t(dout.numel()) * uint64_t(inp.size(-1));  // 2 M OC IC
   if (counting_) op_counts_.matmul_flops += (dinp.empty() ? 0 : one) + (dweight.empty() ? 0 : one);
@@ -576,31 +581,46 @@ void GPT::attention_forward(Layer& a, int l) {
   }
 }
 
-// The MLP in chunks of mlp_chunk() rows (one chunk when untiled): fc -> gelu -> fcproj per chunk,
-// so fch / fch_gelu need only [chunk, 4C]. Leaves residual3 = fcproj(...) (residual added after).
+// The MLP in chunks of mlp_chunk() rows (one chunk when untiled): fc + gelu (one GEMM, the GELU in
+// its epilogue) -> fcproj per chunk, so fch / fch_gelu need only [chunk, 4C]. Leaves
+// residual3 = fcproj(...) without the residual: the op that normalises residual3 next adds it.
 void GPT::mlp_forward(Layer& a, int l) {
   const int64_t BT = run_.rows(), chunk = run_.mlp_chunk();
   LayerTensors p = layer_params(l);
   for (int64_t r = 0; r < BT; r += chunk) {
     const int64_t n = std::min(chunk, BT - r);
     Tensor fch = a.fch.rows(run_.mlp_tiled() ? 0 : r, n), gelu = a.fch_gelu.rows(0, n);
-    matmul_forward(fch, a.ln2.rows(r, n), p.fcw(), p.fcb());
-    ops::gelu_forward(ctx_, gelu, fch);
-    matmul_forward(a.residual3.rows(r, n), gelu, p.fcprojw(), p.fcprojb());
+    // fch [n, 4C] = LN2 · W1^T + b1, gelu [n, 4C] = gelu(fch)
+    matmul_gelu_forward(gelu, fch, a.ln2.rows(r, n), p.fcw(), p.fcb());
+    matmul_forward(a.residual3.rows(r, n), gelu, p.fcprojw(), p.fcprojb());  // [n, C]
   }
 }
 
-void GPT::block_forward(Layer& a, int l, Tensor x) {
+// Layer l from LN1(x) to the MLP's output. The residual stream's additions are fused into the
+// LayerNorms that follow them (ops::residual_layernorm_forward), which removes a read and a
+// write of [B*T, C] per addition (docs/benchmarks.md, "Fused epilogues"):
+//   ln1 = LN1(x)                       made by the caller (forward: fused with the add that made x)
+//   residual2 = x + Wo · attention(ln1) + bo;  ln2 = LN2(residual2)      one pass
+//   fch = W1 · ln2 + b1;  fch_gelu = gelu(fch)                           one GEMM (GELU epilogue)
+//   residual3 = W2 · fch_gelu + b2     the caller's next LayerNorm adds residual2 (LN1 of layer
+//                                      l + 1, or the final LN), also in one pass
+// recompute (full recompute in backward): LN1(x) is made here from the stored x, bitwise the
+// fused forward's (ops.h), and only what backward reads is recomputed: no W2 GEMM, and with a
+// tiled MLP no MLP at all (mlp_backward recomputes it chunk by chunk).
+void GPT::block_forward(Layer& a, int l, Tensor x, bool recompute) {
   LayerTensors p = layer_params(l);
-  // attention block: x + Wo · attention(LN1(x))
-  ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, p.ln1w(), p.ln1b());
+  if (recompute) ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, p.ln1w(), p.ln1b());
+  // attention block: residual2 = x + Wo · attention(LN1(x)) + bo, then LN2 of it
   attention_forward(a, l);
   matmul_forward(a.residual2, a.att, p.attprojw(), p.attprojb());
-  ops::residual_forward(ctx_, a.residual2, a.residual2, x);
-  // MLP block: x + W2 · gelu(W1 · LN2(x))
-  ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w(), p.ln2b());
-  mlp_forward(a, l);
-  ops::residual_forward(ctx_, a.residual3, a.residual3, a.residual2);
+  ops::residual_layernorm_forward(ctx_, a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, x, p.ln2w(),
+                                  p.ln2b());
+  // MLP block: residual3 = residual2 + W2 · gelu(W1 · LN2 + b1) + b2 (the addition left to the caller)
+  if (!recompute) {
+    mlp_forward(a, l);
+  } else if (!run_.mlp_tiled()) {
+    matmul_gelu_forward(a.fch_gelu, a.fch, a.ln2, p.fcw(), p.fcb());  // [B*T, 4C]: what mlp_backward reads
+  }
 }
 
 int64_t GPT::check_inputs(const int32_t* tokens, const int32_t* targets, const int32_t* positions) const {
@@ -648,14 +668,27 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
   auto& p = params_;
   // x = wte[tokens] + wpe[positions]                          [B*T, C]
   ops::embedding_forward(ctx_, A.encoded, A.tokens, A.positions, p.wte(), s.rope ? Tensor() : p.wpe());
+  // LayerNorm of the residual stream entering layer l (l == L: the final LN). Past layer 0 the
+  // stream is completed first, in the same pass: residual3 = residual2 + the MLP's output.
+  auto normalise_stream = [&](int l, Tensor out, Tensor mean, Tensor rstd, Tensor weight, Tensor bias) {
+    if (l == 0) {
+      ops::layernorm_forward(ctx_, out, mean, rstd, A.encoded, weight, bias);
+      return;
+    }
+    Layer& prev = A.layers[size_t(l - 1)];
+    ops::residual_layernorm_forward(ctx_, prev.residual3, out, mean, rstd, prev.residual3, prev.residual2, weight,
+                                    bias);
+  };
   Tensor x = A.encoded;
   for (int l = 0; l < s.L; ++l) {
-    if (hooks_) hooks_->before_forward(l);
+    if (hooks_) hooks_->before_forward(l);  // before layer l's parameters (ln1w, ln1b) are read
     Layer& a = A.layers[size_t(l)];
-    block_forward(a, l, x);
-    x = a.residual3;
+    LayerTensors lp = layer_params(l);
+    normalise_stream(l, a.ln1, a.ln1_mean, a.ln1_rstd, lp.ln1w(), lp.ln1b());
+    block_forward(a, l, x, /*recompute=*/false);
+    x = a.residual3;  // complete once the next normalise_stream has run
   }
-  ops::layernorm_forward(ctx_, A.lnf, A.lnf_mean, A.lnf_rstd, x, p.lnfw(), p.lnfb());
+  normalise_stream(s.L, A.lnf, A.lnf_mean, A.lnf_rstd, p.lnfw(), p.lnfb());
 }
 
 // The LM head (tied to wte) and the loss, in chunks of rows so the [B*T, Vp] logits are never
@@ -710,7 +743,9 @@ void GPT::attention_backward(Layer& a, int l, Tensor dres) {
 }
 
 // residual3 = residual2 + W2 · gelu(W1 · LN2(residual2)), chunk by chunk; leaves d(LN2 out) in
-// dln. A tiled MLP recomputes each chunk's fch and gelu first (they were not kept).
+// dln. A tiled MLP recomputes each chunk's fch and gelu first (they were not kept); selective
+// recompute its gelu, through the same GEMM: on cuda the GELU comes out of the GEMM's epilogue,
+// and only that op gives bitwise the GELU the forward used (ops.h, matmul_gelu_forward).
 void GPT::mlp_backward(Layer& a, int l) {
   Activations& A = *act_;
   LayerTensors p = layer_params(l);
@@ -721,12 +756,11 @@ void GPT::mlp_backward(Layer& a, int l) {
   for (int64_t r = 0; r < BT; r += chunk) {
     const int64_t n = std::min(chunk, BT - r);
     Tensor fch = a.fch.rows(tiled ? 0 : r, n), gelu = a.fch_gelu.rows(0, n), ln2 = a.ln2.rows(r, n);
-    if (tiled) {
+    if (tiled || run_.recompute == Recompute::selective) {
       counting_ = false;
-      matmul_forward(fch, ln2, p.fcw(), p.fcb());
+      matmul_gelu_forward(gelu, fch, ln2, p.fcw(), p.fcb());
       counting_ = true;
     }
-    if (tiled || run_.recompute == Recompute::selective) ops::gelu_forward(ctx_, gelu, fch);
     Tensor dgelu = A.dfch_gelu.rows(0, n), dfch = A.dfch.rows(0, n);
     ops::fill_zero(ctx_, dgelu);
     matmul_backward(dgelu, g.fcprojw(), g.fcprojb(), A.dres.rows(r, n), gelu, p.fcprojw());
@@ -754,9 +788,10 @@ void GPT::backward() {
       // the layer's forward again, from its stored input, into the shared workspace (the same
       // ops on the same inputs: bitwise the activations of the first pass)
       counting_ = false;
-      block_forward(a, l, x);
+      block_forward(a, l, x, /*recompute=*/true);
       counting_ = true;
     } else if (run_.recompute == Recompute::selective) {
+      // bitwise the ln2 of the forward's residual_layernorm_forward (ops.h)
       ops::layernorm_forward(ctx_, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, lp.ln2w(), lp.ln2b());
     }
     mlp_backward(a, l);

@@ -131,8 +131,8 @@ class LayerHooks {
 
 // runtime.recompute: what backward recomputes instead of reading from the activation arena.
 //   none       every activation of every layer is stored
-//   selective  the cheap ones (LayerNorm outputs, GELU output) share one buffer across layers and
-//              are recomputed in backward
+//   selective  the LayerNorm outputs and the GELU output share one buffer across layers and are
+//              recomputed in backward (the GELU with the MLP's first GEMM, whose epilogue makes it)
 //   full       only each layer's output (the residual stream) is stored per layer; backward
 //              re-runs the layer's forward into one shared layer workspace
 enum class Recompute : uint8_t { none, selective, full };
@@ -279,7 +279,7 @@ class GPT {
   // host int32 [B*T] -> the activation tensor dst (through the pinned staging slot on cuda)
   void upload_input(Tensor dst, const int32_t* host, int slot);
   void forward(const int32_t* tokens, const int32_t* positions);
-  void block_forward(Layer& a, int l, Tensor x);
+  void block_forward(Layer& a, int l, Tensor x, bool recompute);
   void mlp_forward(Layer& a, int l);
   void mlp_backward(Layer& a, int l);
   void classifier(const int32_t* targets, bool backward);
@@ -288,6 +288,7 @@ class GPT {
   void attention_backward(Layer& a, int l, Tensor dres);
   // the op calls that do FLOPs go through these, which count them (see OpCounts)
   void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias);
+  void matmul_gelu_forward(Tensor out_gelu, Tensor pre_gelu, Tensor inp, Tensor weight, Tensor bias);
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight);
 
   GPTShape shape_;

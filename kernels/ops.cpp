@@ -382,6 +382,58 @@ void residual_forward(Context& ctx, Tensor out, Tensor a, Tensor b) {
   cpu::residual_forward(mf(out), cf(a), cf(b), out.numel());
 }
 
+void matmul_gelu_forward(Context& ctx, Tensor out_gelu, Tensor pre_gelu, Tensor inp, Tensor weight, Tensor bias) {
+  const int IC = last(inp), OC = last(pre_gelu);
+  ULYSSES_ASSERT(weight.numel() == int64_t(IC) * OC && rows(pre_gelu) == rows(inp) &&
+                     out_gelu.numel() == pre_gelu.numel() && (bias.empty() || bias.numel() == OC) &&
+                     (pre_gelu.numel() == 0 || out_gelu.data != pre_gelu.data),
+                 "matmul_gelu: out_gelu {} pre_gelu {} inp {} weight {} bias {} (out_gelu must not alias pre_gelu)",
+                 out_gelu.describe(), pre_gelu.describe(), inp.describe(), weight.describe(), bias.describe());
+#ifdef ULYSSES_CUDA
+  if (ctx.device == Device::cuda) {
+    const CudaCall c(ctx, "matmul_gelu_forward");
+    if (IC % 8 != 0 || OC % 8 != 0)
+      fail(c.op, fmt::format("on cuda IC and OC must be multiples of 8 (cuBLASLt's 16-byte alignment), got IC={} "
+                             "OC={} (inp {}, pre_gelu {})", IC, OC, inp.describe(), pre_gelu.describe()));
+    // out [M, OC] = gelu(pre), pre = inp · W^T + b: one GEMM, the GELU_AUX epilogue writes both
+    cuda::matmul_forward(*c.state->matmul, c.arg<bf16>(out_gelu, "out_gelu"), c.arg<bf16>(inp, "inp"),
+                         c.arg<bf16>(weight, "weight"), c.opt<bf16>(bias, "bias"), rows(inp), IC, OC, c.stream,
+                         c.arg<bf16>(pre_gelu, "pre_gelu"));
+    return;
+  }
+#endif
+  expect_cpu(ctx, "matmul_gelu_forward");
+  cpu::matmul_forward(mf(pre_gelu), cf(inp), cf(weight), cf(bias), rows(inp), IC, OC);
+  cpu::gelu_forward(mf(out_gelu), cf(pre_gelu), pre_gelu.numel());
+}
+
+void residual_layernorm_forward(Context& ctx, Tensor residual_out, Tensor ln_out, Tensor mean, Tensor rstd, Tensor a,
+                                Tensor b, Tensor weight, Tensor bias) {
+  const int64_t R = rows(residual_out);
+  const int C = last(residual_out);
+  ULYSSES_ASSERT(a.numel() == residual_out.numel() && b.numel() == residual_out.numel() &&
+                     ln_out.numel() == residual_out.numel() && mean.numel() == R && rstd.numel() == R &&
+                     weight.numel() == C && bias.numel() == C &&
+                     (residual_out.numel() == 0 || ln_out.data != residual_out.data),
+                 "residual_layernorm: residual_out {} ln_out {} mean {} a {} b {} weight {} (ln_out must not alias "
+                 "residual_out)",
+                 residual_out.describe(), ln_out.describe(), mean.describe(), a.describe(), b.describe(),
+                 weight.describe());
+#ifdef ULYSSES_CUDA
+  if (ctx.device == Device::cuda) {
+    const CudaCall c(ctx, "residual_layernorm_forward");
+    cuda::fused_residual_layernorm_forward(c.arg<bf16>(residual_out, "residual_out"), c.arg<bf16>(ln_out, "ln_out"),
+                                           c.arg<float>(mean, "mean"), c.arg<float>(rstd, "rstd"),
+                                           c.arg<bf16>(a, "a"), c.arg<bf16>(b, "b"), c.arg<bf16>(weight, "weight"),
+                                           c.arg<bf16>(bias, "bias"), R, C, c.stream);
+    return;
+  }
+#endif
+  expect_cpu(ctx, "residual_layernorm_forward");
+  cpu::residual_forward(mf(residual_out), cf(a), cf(b), residual_out.numel());
+  cpu::layernorm_forward(mf(ln_out), mf(mean), mf(rstd), cf(residual_out), cf(weight), cf(bias), R, C);
+}
+
 // x [R, Htot, d] (viewed as R rows of row_stride = Htot * d elements); heads
 // [head_begin, head_begin + n_heads) of every row are rotated.
 void rope_forward(Context& ctx, Tensor x, int head_begin, int n_heads, Tensor positions, float base) {

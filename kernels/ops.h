@@ -63,6 +63,25 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
 // dinp, dweight, dbias may be empty (not needed); all accumulate.
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp, Tensor weight);
 
+// Fused forward ops: on cpu exactly the composition of the ops above that they replace (the same
+// calls, so bitwise the same results); on cuda one kernel where the composition takes two.
+//
+// pre_gelu [M, OC] = inp [M, IC] · weight [OC, IC]^T + bias [OC] (bias may be empty) and
+// out_gelu [M, OC] = gelu(pre_gelu): cpu matmul_forward then gelu_forward; cuda one cuBLASLt GEMM
+// with the GELU_AUX(_BIAS) epilogue (cuBLASLt's own GELU in the epilogue; pre_gelu stored in bf16),
+// so on cuda out_gelu may differ from gelu_forward(pre_gelu) by a bf16 rounding: a run must take
+// its GELU outputs from this op alone, also where it recomputes them.
+// gelu_backward(dinp, pre_gelu, dout) is its backward. out_gelu must not alias pre_gelu.
+void matmul_gelu_forward(Context& ctx, Tensor out_gelu, Tensor pre_gelu, Tensor inp, Tensor weight, Tensor bias);
+// residual_out [R, C] = a + b, then ln_out, mean, rstd = LayerNorm(residual_out; weight, bias): cpu
+// residual_forward then layernorm_forward; cuda one pass (the sum rounded to bf16 first, then
+// normalised exactly as layernorm_forward normalises the stored residual_out, so a later
+// layernorm_forward of residual_out recomputes ln_out, mean, rstd bitwise). residual_out may
+// alias a or b; ln_out must not alias residual_out. The backward is layernorm_backward with
+// inp = residual_out, whose dinp is then the gradient of both a and b.
+void residual_layernorm_forward(Context& ctx, Tensor residual_out, Tensor ln_out, Tensor mean, Tensor rstd, Tensor a,
+                                Tensor b, Tensor weight, Tensor bias);
+
 void gelu_forward(Context& ctx, Tensor out, Tensor inp);
 void gelu_backward(Context& ctx, Tensor dinp, Tensor inp, Tensor dout);
 void residual_forward(Context& ctx, Tensor out, Tensor a, Tensor b);

@@ -85,6 +85,11 @@ void run_gemm(MatmulContext::Impl& ctx, const Gemm& g, cudaStream_t stream) {
   set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, g.epilogue);
   if (g.bias) set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));
   if (g.aux) {
+    // GELU_AUX(_BIAS): aux is the pre-GELU matrix, laid out like D (m x n, column-major), so its
+    // leading dimension is D's (int64_t; cuBLASLt wants it >= m and divisible by 8: m = OC, a
+    // multiple of 8). Its element type is left at the default (-1), which for GELU is D's type:
+    // bf16 here, as gelu_backward reads it. The pointer is set before the heuristic query, which
+    // takes its alignment from it (align_aux is part of the cache key below).
     set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(g.aux));
     set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.ldd);
   }

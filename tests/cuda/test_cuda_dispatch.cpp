@@ -241,6 +241,76 @@ Results elementwise_case(ops::Context& ctx, int64_t n, uint64_t seed) {
           err("residual in place", d_alias.download(), res_ref, 1e-2)};
 }
 
+// ---- fused forward ops: matmul + GELU epilogue, residual + LayerNorm -----------------------------
+// matmul_gelu_forward against the cpu composition (matmul_forward, gelu_forward); on cuda the GELU
+// comes from cuBLASLt's epilogue, so out_gelu is also checked against gelu_forward of the cuda
+// pre_gelu (one bf16 rounding apart).
+Results matmul_gelu_case(ops::Context& ctx, int M, int IC, int OC, bool with_bias, uint64_t seed) {
+  Rng rng(seed);
+  ops::Context cpu;
+  const Vec inp = rounded_bf16(random_vector(rng, size_t(M) * IC));
+  const Vec w = rounded_bf16(random_vector(rng, size_t(OC) * IC, 0.2f));
+  const Vec bias = rounded_bf16(random_vector(rng, OC));
+  const Tensor no;
+  const size_t n = size_t(M) * OC;
+  Vec out_ref(n), pre_ref(n);
+  ops::matmul_gelu_forward(cpu, host(out_ref, {M, OC}), host(pre_ref, {M, OC}), host(inp, {M, IC}),
+                           host(w, {OC, IC}), with_bias ? host(bias, {OC}) : no);
+
+  DeviceBuffer<bf16> d_inp(inp), d_w(w), d_bias(bias), d_out(n), d_pre(n), d_regelu(n);
+  d_out.poison(), d_pre.poison(), d_regelu.poison();
+  ready();
+  ops::matmul_gelu_forward(ctx, dev(d_out, {M, OC}), dev(d_pre, {M, OC}), dev(d_inp, {M, IC}), dev(d_w, {OC, IC}),
+                           with_bias ? dev(d_bias, {OC}) : no);
+  ops::gelu_forward(ctx, dev(d_regelu, {M, OC}), dev(d_pre, {M, OC}));
+  const std::vector<float> out = d_out.download();
+  return {err("out_gelu", out, out_ref, 1e-2), err("pre_gelu", d_pre.download(), pre_ref, 1e-2),
+          err("out_gelu vs gelu_forward(pre)", out, d_regelu.download(), 1e-2)};
+}
+
+// residual_layernorm_forward: residual_out = a + b (one bf16 rounding: exactly the rounded cpu
+// sum), then the LayerNorm of it against the cpu layernorm_forward of that rounded sum. Run into a
+// separate residual_out and in place (residual_out = a, as the model does), and checked bitwise
+// against layernorm_forward of its own residual_out: recompute relies on that (ops.h).
+Results residual_layernorm_case(ops::Context& ctx, int R, int C, uint64_t seed) {
+  Rng rng(seed);
+  ops::Context cpu;
+  const size_t n = size_t(R) * C;
+  const Vec a = rounded_bf16(random_vector(rng, n, 2.0f)), b = rounded_bf16(random_vector(rng, n));
+  const Vec w = rounded_bf16(random_vector(rng, C)), bias = rounded_bf16(random_vector(rng, C));
+  Vec res_ref(n), ln_unused(n), mean_unused(R), rstd_unused(R);
+  ops::residual_layernorm_forward(cpu, host(res_ref, {R, C}), host(ln_unused, {R, C}), host(mean_unused, {R}),
+                                  host(rstd_unused, {R}), host(a, {R, C}), host(b, {R, C}), host(w, {C}),
+                                  host(bias, {C}));
+  const Vec res_bf = rounded_bf16(res_ref);
+  Vec ln_ref(n), mean_ref(R), rstd_ref(R);
+  ops::layernorm_forward(cpu, host(ln_ref, {R, C}), host(mean_ref, {R}), host(rstd_ref, {R}), host(res_bf, {R, C}),
+                         host(w, {C}), host(bias, {C}));
+
+  DeviceBuffer<bf16> d_a(a), d_b(b), d_w(w), d_bias(bias), d_res(n), d_ln(n), d_inplace(a), d_ln2(n), d_reln(n);
+  DeviceBuffer<float> d_mean(R), d_rstd(R), d_mean2(R), d_rstd2(R), d_remean(R), d_rerstd(R);
+  d_res.poison(), d_ln.poison(), d_ln2.poison(), d_reln.poison();
+  d_mean.poison(), d_rstd.poison(), d_mean2.poison(), d_rstd2.poison(), d_remean.poison(), d_rerstd.poison();
+  ready();
+  ops::residual_layernorm_forward(ctx, dev(d_res, {R, C}), dev(d_ln, {R, C}), dev(d_mean, {R}), dev(d_rstd, {R}),
+                                  dev(d_a, {R, C}), dev(d_b, {R, C}), dev(d_w, {C}), dev(d_bias, {C}));
+  ops::residual_layernorm_forward(ctx, dev(d_inplace, {R, C}), dev(d_ln2, {R, C}), dev(d_mean2, {R}),
+                                  dev(d_rstd2, {R}), dev(d_inplace, {R, C}), dev(d_b, {R, C}), dev(d_w, {C}),
+                                  dev(d_bias, {C}));
+  ops::layernorm_forward(ctx, dev(d_reln, {R, C}), dev(d_remean, {R}), dev(d_rerstd, {R}), dev(d_res, {R, C}),
+                         dev(d_w, {C}), dev(d_bias, {C}));
+  const std::vector<float> ln = d_ln.download(), mean = d_mean.download(), rstd = d_rstd.download();
+  return {err("residual_out", d_res.download(), res_bf, 0.0),
+          err("ln_out", ln, ln_ref, 1e-2),
+          err("mean", mean, mean_ref, 1e-5),
+          err("rstd", rstd, rstd_ref, 1e-5),
+          err("in place: residual_out", d_inplace.download(), res_bf, 0.0),
+          err("in place: ln_out bitwise", d_ln2.download(), ln, 0.0),
+          err("layernorm_forward(residual_out) bitwise", d_reln.download(), ln, 0.0),
+          err("its mean bitwise", d_remean.download(), mean, 0.0),
+          err("its rstd bitwise", d_rerstd.download(), rstd, 0.0)};
+}
+
 // ---- rope: heads [head_begin, head_begin + n_heads) of a packed [R, Htot, d] buffer -----------
 Results rope_case(ops::Context& ctx, int R, int Htot, int d, int head_begin, int n_heads, uint64_t seed) {
   Rng rng(seed);
@@ -463,6 +533,10 @@ std::vector<Case> all_cases(ops::Context& ctx) {
   add("matmul M=65 IC=256 OC=768", [&] { return matmul_case(ctx, 65, 256, 768, false, true, 8); });
   add("matmul M=9 IC=128 OC=64 dweight only", [&] { return matmul_case(ctx, 9, 128, 64, true, false, 9); });
   add("gelu/residual n=1001", [&] { return elementwise_case(ctx, 1001, 10); });
+  add("matmul_gelu M=37 IC=64 OC=256 bias", [&] { return matmul_gelu_case(ctx, 37, 64, 256, true, 24); });
+  add("matmul_gelu M=65 IC=128 OC=512 no bias", [&] { return matmul_gelu_case(ctx, 65, 128, 512, false, 25); });
+  add("residual_layernorm R=33 C=768", [&] { return residual_layernorm_case(ctx, 33, 768, 26); });
+  add("residual_layernorm R=17 C=100 (scalar)", [&] { return residual_layernorm_case(ctx, 17, 100, 27); });
   add("rope R=9 Htot=5 d=64 heads [1, 4)", [&] { return rope_case(ctx, 9, 5, 64, 1, 3, 11); });
   add("rope R=7 Htot=4 d=128 heads [0, 3)", [&] { return rope_case(ctx, 7, 4, 128, 0, 3, 12); });
   add("attention B=2 N=100 Hq=4 Hkv=2 d=64", [&] { return attention_case(ctx, 2, 100, 4, 2, 64, 13); });
