@@ -428,13 +428,13 @@ struct GPT::CheckpointOffload {
   }
 #endif
 
-  void before_forward(int l, void* model) {
+  void before_forward([[maybe_unused]] int l, [[maybe_unused]] void* model) {
 #ifdef ULYSSES_CUDA
     if (offloaded(l - kCheckpointSlots)) CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(model), out[size_t(l - kCheckpointSlots)], 0));
 #endif
   }
   // slot: layer l's output, complete once what `model` has enqueued has run
-  void after_forward(int l, void* model, const Tensor& slot) {
+  void after_forward([[maybe_unused]] int l, [[maybe_unused]] void* model, [[maybe_unused]] const Tensor& slot) {
 #ifdef ULYSSES_CUDA
     if (!offloaded(l)) return;
     ULYSSES_ASSERT(slot.bytes() == layer_bytes, "checkpoint slot of {} bytes, expected {}", slot.bytes(), layer_bytes);
@@ -444,7 +444,8 @@ struct GPT::CheckpointOffload {
 #endif
   }
   // slot_below: the slot layer l - 2's output goes to (slot (l - 2) % 3)
-  void before_backward(int l, void* model, const Tensor& slot_below) {
+  void before_backward([[maybe_unused]] int l, [[maybe_unused]] void* model,
+                       [[maybe_unused]] const Tensor& slot_below) {
 #ifdef ULYSSES_CUDA
     cudaStream_t m = static_cast<cudaStream_t>(model);
     if (offloaded(l - 1)) CUDA_CHECK(cudaStreamWaitEvent(m, in[size_t(l - 1)], 0));
