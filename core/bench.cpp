@@ -125,7 +125,9 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   if (emulated) emulated_seq = std::make_unique<EmulatedSequenceCommunicator>(P, 0, device);
   Communicator* seq = emulated ? emulated_seq.get() : groups.sequence.get();
   const Recompute recompute = parse_recompute(cfg.runtime.recompute);
-  GPT model(cfg.model, {B, N, P, cfg.runtime.tile_tokens, recompute}, device, seq);
+  GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, recompute};
+  run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
+  GPT model(cfg.model, run, device, seq);
   model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
   ops::Context& ctx = model.context();
   groups.set_stream(ctx.stream());

@@ -187,6 +187,7 @@ const std::vector<Field>& config_fields() {
                     .one_of({"auto", "cpu", "cuda"}));
     f.push_back(field("runtime.recompute", &C::runtime, &RuntimeConfig::recompute)
                     .one_of({"none", "selective", "full"}));
+    f.push_back(field("runtime.offload", &C::runtime, &RuntimeConfig::offload).one_of({"none", "checkpoints"}));
     f.push_back(field("runtime.tile_tokens", &C::runtime, &RuntimeConfig::tile_tokens).at_least(0));
     f.push_back(field("runtime.attention", &C::runtime, &RuntimeConfig::attention)
                     .one_of({"flash", "cudnn"}));
@@ -654,6 +655,16 @@ struct Loader {
       throw_user_error("{}: runtime.attention 'cudnn' runs on the GPU and needs runtime.device cuda "
                        "(or auto), got 'cpu'",
                        where_set({"runtime.attention", "runtime.device"}));
+    // the checkpoints are the per-layer outputs that only full recompute keeps, and the copies
+    // run on a CUDA stream (core/gpt.h, docs/memory.md)
+    if (r.offload == "checkpoints" && r.recompute != "full")
+      throw_user_error("{}: runtime.offload 'checkpoints' moves the per-layer checkpoints of full recompute to "
+                       "host memory and needs runtime.recompute full, got '{}'",
+                       where_set({"runtime.offload", "runtime.recompute"}), r.recompute);
+    if (r.offload == "checkpoints" && r.device != "cuda")
+      throw_user_error("{}: runtime.offload 'checkpoints' copies between GPU and pinned host memory and needs "
+                       "runtime.device cuda, got '{}'",
+                       where_set({"runtime.offload", "runtime.device"}), r.device);
 
     const DataConfig& d = config.data;
     if (d.source == "shards" && d.train.empty())

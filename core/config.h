@@ -66,6 +66,7 @@ struct DataConfig {
 struct RuntimeConfig {
   std::string device = "auto";     // auto | cpu | cuda
   std::string recompute = "none";  // none | selective | full
+  std::string offload = "none";    // none | checkpoints (full recompute on cuda: layer outputs in pinned host memory)
   int tile_tokens = 0;             // MLP / LM-head chunk in tokens; 0: untiled
   std::string attention = "flash"; // flash | cudnn (cuda only)
   int threads = 0;                 // OpenMP threads per rank; 0: cores / local ranks

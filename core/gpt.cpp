@@ -174,13 +174,18 @@ struct GPT::Activations {
   Tensor dres, dlnf, dln, datt;          // [B*T, C]
   Tensor dfch_gelu, dfch;                // [mlp_chunk, 4C]
   Tensor sp_send, sp_recv;
+  // runtime.offload = checkpoints: the device slots the layer outputs rotate through,
+  // min(L, kCheckpointSlots) x [B*T, C]; layer l's residual3 is slot l % that
+  std::array<Tensor, kCheckpointSlots> checkpoint_slots;
+  int num_checkpoint_slots = 0;
 };
 
 // What is stored where, per recompute mode (and MLP tiling, which makes fch / fch_gelu
 // chunk-sized and recomputed per chunk in backward):
 //   none:      every Layer field per layer
 //   selective: ln1 and ln2 of every layer share ln_work; fch_gelu shares work.fch_gelu
-//   full:      only residual3 per layer; the rest of every Layer is `work`
+//   full:      only residual3 per layer; the rest of every Layer is `work`; with offloaded
+//              checkpoints not even that: residual3 is one of min(L, kCheckpointSlots) slots
 // Reserves into `arena` (which is not allocated here); `slots` gets the (view, offset) pairs the
 // constructor turns into tensors, `list` the description the memory estimate reads.
 void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Device device,
@@ -228,6 +233,11 @@ void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, si
   } else if (rc == Recompute::selective) {
     want(A.ln_work, "ln1/ln2", "recompute", -1, {BT, C}, act);
   }
+  if (rc == Recompute::full && run.offload_checkpoints) {
+    A.num_checkpoint_slots = std::min(s.L, kCheckpointSlots);
+    for (int k = 0; k < A.num_checkpoint_slots; ++k)
+      want(A.checkpoint_slots[size_t(k)], "residual3 slot", "checkpoint_slots", -1, {BT, C}, act);
+  }
   const bool shared_mlp = rc != Recompute::none || run.mlp_tiled();
   if (shared_mlp) {
     // tiled: one chunk, recomputed per chunk in backward; full: one layer's worth
@@ -238,7 +248,10 @@ void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, si
     Layer& a = A.layers[size_t(l)];
     if (rc == Recompute::full) {
       a = w;
-      want(a.residual3, "residual3", "layer", l, {BT, C}, act);
+      if (run.offload_checkpoints)
+        a.residual3 = A.checkpoint_slots[size_t(l % A.num_checkpoint_slots)];  // re-pointed by the constructor
+      else
+        want(a.residual3, "residual3", "layer", l, {BT, C}, act);
       continue;
     }
     if (rc == Recompute::selective) {
@@ -338,6 +351,116 @@ struct GPT::HostStaging {
   Tensor slot(int i) const { return Tensor(data + i * row, {row}, DType::i32, Device::cpu); }
 };
 
+// runtime.offload = checkpoints: layer l's output (residual3 [B*T, C] bf16, `layer_bytes`) lives
+// in device slot l % 3 (Activations::checkpoint_slots); layers l < L - 3 ("offloaded") are copied
+// to host[l] in forward and back in backward, on this struct's own stream. Everything here is
+// created once; a step only records and waits on events (no allocation, no host wait).
+//   forward, after layer l (offloaded):  model records `ready`, copy stream waits for it,
+//                                        host[l] <- slot; records out[l]
+//   forward, before layer l:             model waits out[l - 3] (slot l % 3 held layer l - 3)
+//   backward, before layer l:            model waits in[l - 1] (its input, prefetched a layer
+//                                        ago); if l - 2 is offloaded: model records `ready`
+//                                        (layer l + 1, the slot's last user, is done), copy
+//                                        stream waits, slot (l - 2) % 3 <- host[l - 2]; records in[l - 2]
+// Layers L-3..L-1 are never copied: their slots are untouched until backward needs them (the
+// top one by the final LayerNorm's backward, then each as layer l + 1's input), and layer l's
+// recomputed forward in backward rewrites slot l % 3, whose checkpoint (layer l + 1's input) is
+// no longer needed. Every copy is waited for by the model's stream before its slot is rewritten
+// (out) or read (in), so when the micro-batch's loss sum synchronises the model's stream, the
+// copy stream is idle too.
+struct GPT::CheckpointOffload {
+  int L = 0;
+  size_t layer_bytes = 0;
+  char* host = nullptr;  // pinned [offloaded_checkpoint_layers(L), B*T, C] bf16
+#ifdef ULYSSES_CUDA
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr;            // model stream -> copy stream, re-recorded before each copy
+  std::vector<cudaEvent_t> out, in;       // per offloaded layer: its D2H / H2D copy is done
+#endif
+
+  CheckpointOffload(int layers, size_t bytes_per_layer) : L(layers), layer_bytes(bytes_per_layer) {
+#ifdef ULYSSES_CUDA
+    const int n = offloaded_checkpoint_layers(L);
+    try {
+      if (n > 0) CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), size_t(n) * layer_bytes, cudaHostAllocDefault));
+      CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+      out.assign(size_t(n), nullptr);
+      in.assign(size_t(n), nullptr);
+      for (int l = 0; l < n; ++l) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&out[size_t(l)], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&in[size_t(l)], cudaEventDisableTiming));
+      }
+    } catch (...) {
+      release();
+      throw;
+    }
+#else
+    throw std::runtime_error("runtime.offload: checkpoints, but ulysses was built without CUDA");
+#endif
+  }
+  ~CheckpointOffload() { release(); }
+  CheckpointOffload(const CheckpointOffload&) = delete;
+  CheckpointOffload& operator=(const CheckpointOffload&) = delete;
+
+  // not checked: called from the destructor and on the constructor's error path
+  void release() {
+#ifdef ULYSSES_CUDA
+    if (stream) cudaStreamSynchronize(stream);  // copies in flight read or write `host`
+    for (cudaEvent_t e : out)
+      if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : in)
+      if (e) cudaEventDestroy(e);
+    if (ready) cudaEventDestroy(ready);
+    if (stream) cudaStreamDestroy(stream);
+    if (host) cudaFreeHost(host);
+#endif
+    host = nullptr;
+  }
+
+  bool offloaded(int l) const { return l >= 0 && l < offloaded_checkpoint_layers(L); }
+
+#ifdef ULYSSES_CUDA
+  // the copy stream starts only after what `model` has enqueued so far
+  void follow(cudaStream_t model) {
+    CUDA_CHECK(cudaEventRecord(ready, model));
+    CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
+  }
+#endif
+
+  void before_forward([[maybe_unused]] int l, [[maybe_unused]] void* model) {
+#ifdef ULYSSES_CUDA
+    if (offloaded(l - kCheckpointSlots)) CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(model), out[size_t(l - kCheckpointSlots)], 0));
+#endif
+  }
+  // slot: layer l's output, complete once what `model` has enqueued has run
+  void after_forward([[maybe_unused]] int l, [[maybe_unused]] void* model, [[maybe_unused]] const Tensor& slot) {
+#ifdef ULYSSES_CUDA
+    if (!offloaded(l)) return;
+    ULYSSES_ASSERT(slot.bytes() == layer_bytes, "checkpoint slot of {} bytes, expected {}", slot.bytes(), layer_bytes);
+    follow(static_cast<cudaStream_t>(model));
+    CUDA_CHECK(cudaMemcpyAsync(host + size_t(l) * layer_bytes, slot.data, layer_bytes, cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaEventRecord(out[size_t(l)], stream));
+#endif
+  }
+  // slot_below: the slot layer l - 2's output goes to (slot (l - 2) % 3)
+  void before_backward([[maybe_unused]] int l, [[maybe_unused]] void* model,
+                       [[maybe_unused]] const Tensor& slot_below) {
+#ifdef ULYSSES_CUDA
+    cudaStream_t m = static_cast<cudaStream_t>(model);
+    if (offloaded(l - 1)) CUDA_CHECK(cudaStreamWaitEvent(m, in[size_t(l - 1)], 0));
+    if (offloaded(l - 2)) {
+      ULYSSES_ASSERT(slot_below.bytes() == layer_bytes, "checkpoint slot of {} bytes, expected {}", slot_below.bytes(),
+                     layer_bytes);
+      follow(m);
+      CUDA_CHECK(cudaMemcpyAsync(slot_below.data, host + size_t(l - 2) * layer_bytes, layer_bytes,
+                                 cudaMemcpyHostToDevice, stream));
+      CUDA_CHECK(cudaEventRecord(in[size_t(l - 2)], stream));
+    }
+#endif
+  }
+};
+
 GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* seq, GPT* shared_params)
     : shape_(GPTShape::from(cfg)),
       init_std_(cfg.init_std),
@@ -349,6 +472,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
       grad_arena_("gradients", device),
       act_arena_("activations", device) {
   if (device == Device::cuda) check_cuda_shape(cfg, /*cudnn_attention=*/true);  // head_dim: in forward
+  if (run.offload_checkpoints && (run.recompute != Recompute::full || device != Device::cuda))
+    throw_user_error("runtime.offload 'checkpoints' needs runtime.recompute full and runtime.device cuda, got "
+                     "recompute {} on {}",
+                     recompute_name(run.recompute), device_name(device));
   ctx_ = ops::Context(device);
   if (seq_) seq_->set_stream(ctx_.stream());
   const GPTShape& s = shape_;
@@ -441,9 +568,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   // views that alias a shared buffer were copied from it before it had memory: copy them again
   if (run.recompute == Recompute::full) A.work.ln2 = A.work.ln1;
   const bool shared_mlp = run.recompute != Recompute::none || run.mlp_tiled();
-  for (Layer& a : A.layers) {
+  for (size_t l = 0; l < A.layers.size(); ++l) {
+    Layer& a = A.layers[l];
     if (run.recompute == Recompute::full) {
-      const Tensor own = a.residual3;
+      const Tensor own = run.offload_checkpoints ? A.checkpoint_slots[l % size_t(A.num_checkpoint_slots)] : a.residual3;
       a = A.work;
       a.residual3 = own;
     } else if (run.recompute == Recompute::selective) {
@@ -461,11 +589,16 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     ulysses_->set_scratch(A.sp_send, A.sp_recv);
   }
   if (device == Device::cuda) staging_ = std::make_unique<HostStaging>(BT);
+  if (run.offload_checkpoints) offload_ = std::make_unique<CheckpointOffload>(s.L, BT * C * 2);
 }
 
 GPT::~GPT() = default;
 
 size_t GPT::activation_bytes() const { return act_arena_.bytes(); }
+
+size_t GPT::offloaded_checkpoint_bytes() const {
+  return offload_ ? size_t(offloaded_checkpoint_layers(shape_.L)) * offload_->layer_bytes : 0;
+}
 
 void GPT::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
   if (counting_) op_counts_.matmul_flops += 2ull * uint64_t(out.numel()) * uint64_t(inp.size(-1));
@@ -660,7 +793,7 @@ void GPT::upload_input(Tensor dst, const int32_t* host, int slot) {
 }
 
 // Enqueues the forward pass on inputs already checked by check_inputs.
-void GPT::forward(const int32_t* tokens, const int32_t* positions) {
+void GPT::forward(const int32_t* tokens, const int32_t* positions, bool offload) {
   const GPTShape& s = shape_;
   Activations& A = *act_;
   upload_input(A.tokens, tokens, 0);
@@ -685,10 +818,14 @@ void GPT::forward(const int32_t* tokens, const int32_t* positions) {
     Layer& a = A.layers[size_t(l)];
     LayerTensors lp = layer_params(l);
     normalise_stream(l, a.ln1, a.ln1_mean, a.ln1_rstd, lp.ln1w(), lp.ln1b());
+    // layer l-1's output is complete only now (the residual add is fused into this LayerNorm)
+    if (offload && offload_ && l > 0) offload_->after_forward(l - 1, ctx_.stream(), A.layers[size_t(l - 1)].residual3);
+    if (offload && offload_) offload_->before_forward(l, ctx_.stream());  // slot l % 3 free
     block_forward(a, l, x, /*recompute=*/false);
     x = a.residual3;  // complete once the next normalise_stream has run
   }
   normalise_stream(s.L, A.lnf, A.lnf_mean, A.lnf_rstd, p.lnfw(), p.lnfb());
+  if (offload && offload_ && s.L > 0) offload_->after_forward(s.L - 1, ctx_.stream(), A.layers[size_t(s.L - 1)].residual3);
 }
 
 // The LM head (tied to wte) and the loss, in chunks of rows so the [B*T, Vp] logits are never
@@ -781,6 +918,8 @@ void GPT::backward() {
   ops::layernorm_backward(ctx_, A.dres, g.lnfw(), g.lnfb(), A.dlnf, top, p.lnfw(), A.lnf_mean, A.lnf_rstd);
   for (int l = s.L - 1; l >= 0; --l) {
     if (hooks_) hooks_->before_backward(l);
+    // offloaded checkpoints: wait for this layer's input, prefetch the next one's
+    if (offload_) offload_->before_backward(l, ctx_.stream(), l >= 2 ? A.layers[size_t(l - 2)].residual3 : Tensor());
     LayerTensors lp = layer_params(l), lg = layer_grads(l);
     Layer& a = A.layers[size_t(l)];
     const Tensor x = l > 0 ? A.layers[size_t(l - 1)].residual3 : A.encoded;
@@ -810,7 +949,7 @@ void GPT::backward() {
 double GPT::forward_backward(const int32_t* tokens, const int32_t* targets, const int32_t* positions, int64_t* count) {
   ULYSSES_ASSERT(!grads_flat_.empty(), "this model instance has no gradients");
   *count = check_inputs(tokens, targets, positions);
-  forward(tokens, positions);
+  forward(tokens, positions, /*offload=*/true);
   classifier(targets, /*backward=*/true);
   backward();
   // the micro-batch's one host synchronisation, after everything is enqueued (backward does not

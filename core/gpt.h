@@ -22,6 +22,9 @@
 //         (fp32) and tokens / targets / positions (i32); the Ulysses scratch is bf16.
 //         Every op is enqueued on context().stream(); the host waits once per micro-batch (the
 //         loss sum, see forward_backward) and at the end of forward_logits and init_weights.
+//         With runtime.offload = checkpoints (GPTRunShape::offload_checkpoints) the layer
+//         outputs' copies to and from pinned host memory run on a second stream of the model's,
+//         ordered against context().stream() by events only (no host wait; see kCheckpointSlots).
 // A model built with shared_params shares the master and the compute buffers of the other.
 #pragma once
 #include <algorithm>
@@ -139,6 +142,14 @@ enum class Recompute : uint8_t { none, selective, full };
 Recompute parse_recompute(const std::string& name);  // UserError for an unknown name
 const char* recompute_name(Recompute r);
 
+// runtime.offload = checkpoints (full recompute on cuda): the layer outputs that full recompute
+// stores ("checkpoints", residual3 [B*T, C] bf16) live in pinned host memory; the device keeps
+// kCheckpointSlots rotating slots, layer l's output in slot l % kCheckpointSlots. The top
+// kCheckpointSlots layers' outputs are still in their slots when backward starts, so only layers
+// l < L - kCheckpointSlots are copied out (forward) and back (backward), on a second stream.
+constexpr int kCheckpointSlots = 3;
+inline int offloaded_checkpoint_layers(int L) { return std::max(0, L - kCheckpointSlots); }
+
 struct GPTRunShape {
   int B = 1;           // sequences per micro-batch
   int N = 1;           // full sequence length
@@ -159,6 +170,8 @@ struct GPTRunShape {
   // initialises) and refresh_compute_params does nothing (the optimizer writes the compute copy).
   // Ignored on cpu, where the one fp32 buffer is both master and compute copy.
   bool master_weights = true;
+  // runtime.offload = checkpoints (see kCheckpointSlots); needs recompute full and Device::cuda
+  bool offload_checkpoints = false;
   int T() const { return N / P; }
   int64_t rows() const { return int64_t(B) * T(); }
   // rows per MLP chunk (all rows when untiled) and per LM-head chunk
@@ -169,8 +182,9 @@ struct GPTRunShape {
 
 // One buffer of the activation arena, as GPT lays it out (see GPT::activation_layout).
 //   kind: inputs | layer (stored per layer) | attention_stats (per layer: softmax lse, LayerNorm
-//   mean/rstd) | recompute (one shared layer workspace) | comm (Ulysses send/recv, local qkv) |
-//   backward (activation gradients) | lm_head (final LayerNorm, losses, logits chunk)
+//   mean/rstd) | recompute (one shared layer workspace) | checkpoint_slots (offloaded
+//   checkpoints: the device slots) | comm (Ulysses send/recv, local qkv) | backward (activation
+//   gradients) | lm_head (final LayerNorm, losses, logits chunk)
 struct ActivationBuffer {
   std::string name;
   std::string kind;
@@ -249,6 +263,8 @@ class GPT {
   // stream of the sequence communicator (seq->set_stream(ctx.stream())).
   ops::Context& context() { return ctx_; }
   size_t activation_bytes() const;
+  // runtime.offload = checkpoints: the pinned host memory the offloaded layer outputs live in (0 without)
+  size_t offloaded_checkpoint_bytes() const;
   UlyssesAllToAll* ulysses() { return ulysses_.get(); }  // null when P == 1
   OpCounts& op_counts() { return op_counts_; }
 
@@ -271,6 +287,7 @@ class GPT {
   struct Layer;        // saved activations of one block
   struct Activations;  // every view into the activation arena
   struct HostStaging;  // pinned host buffer for the input copies (cuda)
+  struct CheckpointOffload;  // runtime.offload = checkpoints: pinned host copies, stream, events
   static void lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Device device,
                       Activations& A, Arena& arena, std::vector<ActivationBuffer>* list,
                       std::vector<std::pair<Tensor*, size_t>>* slots);
@@ -278,7 +295,8 @@ class GPT {
   int64_t check_inputs(const int32_t* tokens, const int32_t* targets, const int32_t* positions) const;
   // host int32 [B*T] -> the activation tensor dst (through the pinned staging slot on cuda)
   void upload_input(Tensor dst, const int32_t* host, int slot);
-  void forward(const int32_t* tokens, const int32_t* positions);
+  // offload: copy the checkpoints out for backward (runtime.offload; forward_backward only)
+  void forward(const int32_t* tokens, const int32_t* positions, bool offload = false);
   void block_forward(Layer& a, int l, Tensor x, bool recompute);
   void mlp_forward(Layer& a, int l);
   void mlp_backward(Layer& a, int l);
@@ -308,6 +326,9 @@ class GPT {
   ParameterTensors params_, grads_;  // params_: views of the compute buffer; grads_: fp32
   std::unique_ptr<Activations> act_;
   std::unique_ptr<HostStaging> staging_;  // cuda only
+  // runtime.offload = checkpoints only; declared after act_arena_ so that it is destroyed first
+  // (its destructor waits for its copies, which touch the arena's slots)
+  std::unique_ptr<CheckpointOffload> offload_;
   LayerHooks* hooks_ = nullptr;
 };
 

@@ -21,6 +21,9 @@
 //   optimizer m, v         8 Z                                8 Z
 //   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
 //                          the LayerNorm / softmax statistics and the losses (fp32)
+//   checkpoint slots       runtime.offload = checkpoints (CUDA, full recompute): min(L, 3) slots of
+//                          2 B(N/P)C bytes replace the L per-layer outputs; the offloaded ones,
+//                          max(0, L - 3) x 2 B(N/P)C, are pinned host memory (host_pinned_bytes)
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
 #include "core/memory_estimate.h"
@@ -56,7 +59,7 @@ double MemoryEstimate::total() const {
 }
 
 MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, Recompute recompute, int zero_stage,
-                               MemoryLayout layout) {
+                               MemoryLayout layout, bool offload_checkpoints) {
   ModelConfig m = cfg.model;
   if (!m.rope()) m.max_seq_len = std::max(m.max_seq_len, N);  // the learned position table covers N
   const GPTShape s = GPTShape::from(m);
@@ -91,7 +94,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
     hkv = a2a.plan().local_kv_heads(0);
     scratch = a2a.scratch_elements();
   }
-  const GPTRunShape run{cfg.train.micro_batch_size, N, P, cfg.runtime.tile_tokens, recompute};
+  GPTRunShape run{cfg.train.micro_batch_size, N, P, cfg.runtime.tile_tokens, recompute};
+  ULYSSES_ASSERT(!offload_checkpoints || recompute == Recompute::full, "offloaded checkpoints need full recompute");
+  run.offload_checkpoints = offload_checkpoints && !cpu;  // a GPU feature: the CPU layout keeps them
   std::map<std::string, double> by_kind;
   double per_layer = 0;
   for (const ActivationBuffer& b :
@@ -103,6 +108,11 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
       by_kind[b.kind] += bytes;
   }
   add(fmt::format("activations stored per layer (x {} layers)", s.L), per_layer);
+  if (offload_checkpoints) {
+    add("checkpoint slots on the device (runtime.offload)", by_kind["checkpoint_slots"]);
+    if (!cpu)
+      e.host_pinned_bytes = double(offloaded_checkpoint_layers(s.L)) * double(run.rows()) * s.C * 2;  // bf16
+  }
   add("attention statistics (lse, LayerNorm mean/rstd)", by_kind["attention_stats"]);
   add("recompute workspace (shared by the layers)", by_kind["recompute"]);
   add("communication buffers (all-to-all send/recv, local qkv)", by_kind["comm"]);
@@ -114,10 +124,11 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
 }
 
 int64_t longest_sequence(const Config& cfg, int world_size, int P, Recompute recompute, int zero_stage,
-                         MemoryLayout layout, double budget_bytes) {
+                         MemoryLayout layout, double budget_bytes, bool offload_checkpoints) {
   const int64_t unit = int64_t(P) * 128;
   auto fits = [&](int64_t k) {
-    return estimate_memory(cfg, world_size, P, int(k * unit), recompute, zero_stage, layout).total() <= budget_bytes;
+    return estimate_memory(cfg, world_size, P, int(k * unit), recompute, zero_stage, layout, offload_checkpoints)
+               .total() <= budget_bytes;
   };
   int64_t lo = 0, hi = (int64_t(1) << 26) / unit;  // fits(lo) or lo == 0
   if (hi >= 1 && fits(hi)) return hi * unit;
@@ -155,30 +166,44 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
   const double budget = parse_memory_size(opts.gpu_memory, "--gpu-memory");
   const int N = cfg.train.seq_len;
   const Recompute rc = parse_recompute(cfg.runtime.recompute);
+  const bool offload = cfg.runtime.offload == "checkpoints";  // the config checked: recompute full
   const int Z = cfg.parallel.zero_stage;
   if (mpi.world_rank != 0) return 0;
   const GPTShape s = GPTShape::from(cfg.model);
   std::string out;
   out += fmt::format("memory per rank: {} layers, {} wide, {} heads, {:.3f}B parameters; N = {}, B = {}, P = {}, "
-                     "{} ranks (DP {}); recompute {}, ZeRO {}, tile_tokens {}\n",
+                     "{} ranks (DP {}); recompute {}{}, ZeRO {}, tile_tokens {}\n",
                      s.L, s.C, s.Hq, double(num_parameters(s)) / 1e9, N, cfg.train.micro_batch_size, P, W, W / P,
-                     cfg.runtime.recompute, Z, cfg.runtime.tile_tokens);
-  const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32);
-  const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16);
+                     cfg.runtime.recompute, offload ? " + offloaded checkpoints" : "", Z, cfg.runtime.tile_tokens);
+  const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32, offload);
+  const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16, offload);
   out += fmt::format("  {:<58} {:>14} {:>14}\n", "item", "CPU fp32 GiB", "CUDA bf16 GiB");
   // (the CUDA column: bf16 compute copy and activations, fp32 master weights, gradients, m, v)
   for (size_t i = 0; i < cpu.items.size(); ++i)
     out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", i + 1 == cpu.items.size() ? "runtime (CPU process baseline | CUDA context, NCCL)" : cpu.items[i].name,
                        cpu.items[i].bytes / kGiB, gpu.items[i].bytes / kGiB);
   out += fmt::format("  {:<58} {:>14.3f} {:>14.3f}\n", "total", cpu.total() / kGiB, gpu.total() / kGiB);
+  if (offload)
+    out += fmt::format("  {:<58} {:>14} {:>14.3f}\n", "pinned host memory: offloaded checkpoints (not in the total)", "-",
+                       gpu.host_pinned_bytes / kGiB);
   out += fmt::format("longest sequence per {} ranks (P = {}) within {} ({:.1f} GiB) per rank, B = {}, tile_tokens {}:\n",
                      W, P, opts.gpu_memory, budget / kGiB, cfg.train.micro_batch_size, cfg.runtime.tile_tokens);
-  out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", "recompute", "ZeRO", "CPU fp32", "CUDA bf16");
+  out += fmt::format("  {:<13} {:>6} {:>16} {:>16}\n", "recompute", "ZeRO", "CPU fp32", "CUDA bf16");
   for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full})
     for (int z = 0; z <= 3; ++z)
-      out += fmt::format("  {:<10} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
+      out += fmt::format("  {:<13} {:>6} {:>16} {:>16}\n", recompute_name(r), z,
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cpu_fp32, budget),
                          longest_sequence(cfg, W, P, r, z, MemoryLayout::cuda_bf16, budget));
+  // runtime.offload = checkpoints: a GPU choice only; its host memory at that length beside it
+  for (int z = 0; z <= 3; ++z) {
+    const int64_t n_offload = longest_sequence(cfg, W, P, Recompute::full, z, MemoryLayout::cuda_bf16, budget, true);
+    const double host =
+        n_offload > 0
+            ? estimate_memory(cfg, W, P, int(n_offload), Recompute::full, z, MemoryLayout::cuda_bf16, true).host_pinned_bytes
+            : 0;
+    out += fmt::format("  {:<13} {:>6} {:>16} {:>16}   (pinned host {:.1f} GiB)\n", "full+offload", z, "-", n_offload,
+                       host / kGiB);
+  }
   out += "(every row: what the model and the optimizer allocate, up to 256-byte alignment)\n";
   const bool cuda = cfg.runtime.device == "cuda";
   out += fmt::format("runtime.device {}: the {} columns apply to this config\n", cfg.runtime.device,

@@ -27,17 +27,26 @@ struct MemoryItem {
 
 struct MemoryEstimate {
   std::vector<MemoryItem> items;
+  // runtime.offload = checkpoints (CUDA layout): the pinned host memory the offloaded layer
+  // outputs live in; not part of total(), which is the memory of the device (or the CPU process)
+  double host_pinned_bytes = 0;
   double total() const;
 };
 
 // One rank of a world of `world_size` ranks with sequence parallelism P (real or emulated) on
 // sequence length N (train.seq_len is ignored), under `recompute` and ZeRO `zero_stage`.
+// offload_checkpoints (runtime.offload = checkpoints, full recompute, CUDA layout only: ignored
+// for the CPU layout, which cannot offload): the per-layer outputs leave the per-layer row for
+// an extra item, "checkpoint slots on the device", of min(L, 3) x [B*N/P, C], and their
+// pinned host copy goes to host_pinned_bytes. With it the item list has one more entry (in
+// both layouts, 0 on the CPU, so that the two lists stay parallel).
 MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, Recompute recompute, int zero_stage,
-                               MemoryLayout layout);
+                               MemoryLayout layout, bool offload_checkpoints = false);
 
 // Longest N (a multiple of P * 128, up to 2^26) whose estimate fits `budget_bytes`; 0 if none.
+// The budget is device (or process) memory; offloaded checkpoints' host memory is not counted.
 int64_t longest_sequence(const Config& cfg, int world_size, int P, Recompute recompute, int zero_stage,
-                         MemoryLayout layout, double budget_bytes);
+                         MemoryLayout layout, double budget_bytes, bool offload_checkpoints = false);
 
 // "80GB", "80 GiB", "512MB", "1.5TB" -> bytes (GB = 1e9, GiB = 2^30); UserError naming `what`.
 double parse_memory_size(const std::string& text, const std::string& what);

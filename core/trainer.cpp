@@ -206,6 +206,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   run.sharded_layer_grads = per_layer;
   run.sharded_layer_params = zero_stage == 3;
   run.master_weights = !per_layer;
+  run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
   GPT model(cfg.model, run, device, groups.sequence.get());
   model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
   ops::Context& ctx = model.context();
@@ -332,9 +333,13 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const double grad_bytes = double(model.grads_padded().bytes()) + (per_layer ? layer_zero->gradient_bytes() : 0);
   const double state_bytes = per_layer ? double(layer_zero->state_bytes()) : double(optimizer->shard_size()) * 8;
   spdlog::info("memory per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer {:.1f} MiB (ZeRO {}), "
-               "activations {:.1f} MiB (recompute {}, tile_tokens {})",
+               "activations {:.1f} MiB (recompute {}, tile_tokens {}){}",
                param_bytes / 1048576.0, grad_bytes / 1048576.0, state_bytes / 1048576.0, zero_stage,
-               model.activation_bytes() / 1048576.0, cfg.runtime.recompute, cfg.runtime.tile_tokens);
+               model.activation_bytes() / 1048576.0, cfg.runtime.recompute, cfg.runtime.tile_tokens,
+               cfg.runtime.offload == "checkpoints"
+                   ? fmt::format(", offloaded checkpoints {:.1f} MiB of pinned host memory",
+                                 model.offloaded_checkpoint_bytes() / 1048576.0)
+                   : std::string());
 
   std::unique_ptr<MetricsWriter> metrics;
   if (!cfg.logging.metrics_file.empty())

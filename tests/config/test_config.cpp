@@ -90,6 +90,7 @@ void require_same(const Config& a, const Config& b) {
   REQUIRE(a.data.tokenizer_dir == b.data.tokenizer_dir);
   REQUIRE(a.runtime.device == b.runtime.device);
   REQUIRE(a.runtime.recompute == b.runtime.recompute);
+  REQUIRE(a.runtime.offload == b.runtime.offload);
   REQUIRE(a.runtime.tile_tokens == b.runtime.tile_tokens);
   REQUIRE(a.runtime.attention == b.runtime.attention);
   REQUIRE(a.runtime.threads == b.runtime.threads);
@@ -152,7 +153,8 @@ data:
   tokenizer_dir: /tok
 runtime:
   device: cuda
-  recompute: selective
+  recompute: full
+  offload: checkpoints
   tile_tokens: 1024
   attention: cudnn
   threads: 2
@@ -215,7 +217,8 @@ TEST_CASE("every key loads into its field", "[config]") {
   CHECK(c.data.tokenizer == "gpt2");
   CHECK(c.data.tokenizer_dir == "/tok");
   CHECK(c.runtime.device == "cuda");
-  CHECK(c.runtime.recompute == "selective");
+  CHECK(c.runtime.recompute == "full");
+  CHECK(c.runtime.offload == "checkpoints");
   CHECK(c.runtime.tile_tokens == 1024);
   CHECK(c.runtime.attention == "cudnn");
   CHECK(c.runtime.threads == 2);
@@ -273,7 +276,7 @@ TEST_CASE("unknown keys name file:line:col and suggest the nearest key", "[confi
   // Nothing close: the valid keys are listed.
   std::string far = load_error("runtime:\n  zzzzzzzzzz: 1\n");
   CHECK(far.rfind("test.yaml:2:3: unknown key 'runtime.zzzzzzzzzz'; valid keys in 'runtime' are: "
-                  "device, recompute, tile_tokens, attention, threads, comm_timeout",
+                  "device, recompute, offload, tile_tokens, attention, threads, comm_timeout",
                   0) == 0);
   CHECK(load_error("model:\n  n_layer: 2\nmodel:\n  n_embd: 64\n") ==
         "test.yaml:3:1: group 'model' appears twice (first at test.yaml:1:1)");
@@ -348,6 +351,7 @@ TEST_CASE("enumerated strings list the allowed values", "[config][errors]") {
   const Case cases[] = {
       {"train", "lr_schedule", "cosine, constant, linear"},
       {"runtime", "recompute", "none, selective, full"},
+      {"runtime", "offload", "none, checkpoints"},
       {"runtime", "device", "auto, cpu, cuda"},
       {"parallel", "backend", "auto, mpi, nccl"},
       {"runtime", "attention", "flash, cudnn"},
@@ -420,6 +424,29 @@ TEST_CASE("conflicts between keys", "[config][errors]") {
         "(or auto), got 'cpu'");
   CHECK(load_error(d + "runtime:\n  device: cpu\n  attention: cudnn\n")
             .rfind("test.yaml:5:14: runtime.attention 'cudnn' runs on the GPU", 0) == 0);
+  // runtime.offload: checkpoints needs full recompute and a CUDA device (auto is not enough)
+  CHECK(load_error(d + "runtime:\n  device: cuda\n  offload: checkpoints\n") ==
+        "test.yaml:5:12: runtime.offload 'checkpoints' moves the per-layer checkpoints of full recompute to host "
+        "memory and needs runtime.recompute full, got 'none'");
+  CHECK(load_error(d + "runtime:\n  device: cuda\n  recompute: selective\n  offload: checkpoints\n")
+            .rfind("test.yaml:6:12: runtime.offload 'checkpoints' moves the per-layer checkpoints", 0) == 0);
+  CHECK(load_error(d + "runtime:\n  recompute: full\n  offload: checkpoints\n") ==
+        "test.yaml:5:12: runtime.offload 'checkpoints' copies between GPU and pinned host memory and needs "
+        "runtime.device cuda, got 'auto'");
+  CHECK(load_error(d + "runtime:\n  device: cpu\n  recompute: full\n  offload: checkpoints\n")
+            .find("needs runtime.device cuda, got 'cpu'") != std::string::npos);
+  {
+    const Config c = load_config_string(d + "runtime:\n  device: cuda\n  recompute: full\n  offload: checkpoints\n",
+                                        "t.yaml");
+    CHECK(c.runtime.offload == "checkpoints");
+    CHECK(load_config_string(d, "t.yaml").runtime.offload == "none");
+    // --set reaches it too, and the check runs after the overrides
+    CHECK(load_config_string(d, "t.yaml", {"runtime.device=cuda", "runtime.recompute=full",
+                                           "runtime.offload=checkpoints"})
+              .runtime.offload == "checkpoints");
+    CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.device=cuda", "runtime.offload=checkpoints"}),
+                      Catch::Contains("needs runtime.recompute full"));
+  }
   CHECK(load_error(d + "checkpoint:\n  interval: 100\n") ==
         "test.yaml:4:13: key 'checkpoint.interval' (100) needs checkpoint.dir, the directory "
         "checkpoints are written to");

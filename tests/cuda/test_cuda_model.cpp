@@ -10,6 +10,9 @@
 //   - a second CUDA run from scratch gives bitwise the same losses and gradients;
 //   - recompute selective and full give bitwise the losses and gradients of none; a tiled MLP
 //     (another GEMM row count) within 1e-2 of the loss and 2e-2 of the gradients;
+//   - recompute full with offloaded checkpoints (runtime.offload, 6 layers: 3 go through pinned
+//     host memory) gives bitwise the losses, gradients and logits of full without it, also on an
+//     emulated P = 2 rank; the device activations shrink by 3 layer outputs;
 //   - an emulated P = 2 sequence-parallel rank (core/emulate.h: the Ulysses pack / unpack ops
 //     with the head maps on the device, the exchanges as device copies on the model's stream)
 //     against the same emulated rank on the CPU, with the tolerances above;
@@ -346,4 +349,41 @@ TEST_CASE("device memory of a CUDA rank follows the CUDA column of the memory es
   std::printf("growth 2048 -> 4096: estimated %.1f MiB, allocated %.1f MiB (%+.1f%%)\n", (e4k - e2k) / 1048576,
               (m4k - m2k) / 1048576, 100 * rel);
   CHECK(std::abs(rel) < 0.05);
+}
+
+TEST_CASE("offloaded checkpoints (recompute full): bitwise the losses and gradients of full", "[cuda][model][offload]") {
+  skip_without_cuda();
+  // 6 layers: layers 0..2 go to pinned host memory and back (3 device slots), 3..5 stay in
+  // their slots; every slot is reused in forward and refilled in backward
+  for (bool rope : {false, true}) {
+    DYNAMIC_SECTION((rope ? "RoPE + GQA" : "learned positions")) {
+      ModelConfig m = small_model(rope);
+      m.n_layer = 6;
+      const GPTRunShape full{2, 64, 1, 0, Recompute::full};
+      GPTRunShape offload = full;
+      offload.offload_checkpoints = true;
+      {
+        GPT a(m, full, Device::cuda, nullptr), b(m, offload, Device::cuda, nullptr);
+        const size_t layer = size_t(full.rows()) * size_t(m.n_embd) * 2;  // [B*T, C] bf16, a multiple of 256
+        std::printf("offload (%s): activations %zu -> %zu bytes, pinned host %zu bytes\n", rope ? "rope" : "learned",
+                    a.activation_bytes(), b.activation_bytes(), b.offloaded_checkpoint_bytes());
+        CHECK(a.activation_bytes() - b.activation_bytes() == 3 * layer);  // 6 per-layer outputs -> 3 slots
+        CHECK(b.offloaded_checkpoint_bytes() == 3 * layer);
+        CHECK(a.offloaded_checkpoint_bytes() == 0);
+      }
+      const Run base = train(m, full, Device::cuda);
+      const Run off = train(m, offload, Device::cuda);
+      for (size_t i = 0; i < base.losses.size(); ++i)
+        std::printf("  loss %zu: full %.7f  full + offload %.7f\n", i, base.losses[i], off.losses[i]);
+      CHECK(bitwise_equal(off, base));
+      CHECK(off.compute_is_rounded_master);
+    }
+  }
+  // under emulated sequence parallelism (the all-to-alls on the model's stream between the copies)
+  ModelConfig m = small_model(true);
+  m.n_layer = 5;
+  GPTRunShape full{2, 64, 2, 0, Recompute::full}, offload = full;
+  offload.offload_checkpoints = true;
+  EmulatedSequenceCommunicator seq_a(2, 0, Device::cuda), seq_b(2, 0, Device::cuda);
+  CHECK(bitwise_equal(train(m, offload, Device::cuda, &seq_b), train(m, full, Device::cuda, &seq_a)));
 }

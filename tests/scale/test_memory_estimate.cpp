@@ -107,3 +107,53 @@ TEST_CASE("memory sizes parse with units and fail with a message", "[scale][memo
   CHECK_THROWS_WITH(parse_memory_size("80XB", "--gpu-memory"), Catch::Contains("expected a positive size"));
   CHECK_THROWS_WITH(parse_memory_size("-3GB", "--gpu-memory"), Catch::Contains("expected a positive size"));
 }
+
+TEST_CASE("offloaded checkpoints: device slots replace the per-layer outputs, host memory beside", "[scale][memory]") {
+  Config cfg;
+  cfg.model.n_layer = 8;
+  cfg.model.n_embd = 256;
+  cfg.model.n_head = 4;
+  cfg.model.vocab_size = 256;
+  cfg.model.max_seq_len = 4096;
+  cfg.model.position_embedding = "rope";
+  cfg.train.micro_batch_size = 2;
+  const int N = 4096, P = 2;
+  const double layer = 2.0 * (N / P) * 256 * 2;  // [B*N/P, C] bf16
+  const MemoryEstimate full = estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cuda_bf16);
+  const MemoryEstimate off = estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cuda_bf16, true);
+  REQUIRE(off.items.size() == full.items.size() + 1);
+  CHECK(full.items[4].bytes == 8 * layer);  // "activations stored per layer": the 8 layer outputs
+  CHECK(off.items[4].bytes == 0);
+  CHECK(off.items[5].name.find("checkpoint slots") != std::string::npos);
+  CHECK(off.items[5].bytes == 3 * layer);
+  CHECK(off.host_pinned_bytes == 5 * layer);  // layers 0..4; 5..7 stay in the slots
+  CHECK(full.host_pinned_bytes == 0);
+  CHECK(full.total() - off.total() == 5 * layer);
+  // the CPU layout cannot offload: the same bytes, plus an empty item to keep the lists parallel
+  const MemoryEstimate cpu = estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cpu_fp32);
+  const MemoryEstimate cpu_off = estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cpu_fp32, true);
+  CHECK(cpu_off.items.size() == off.items.size());
+  CHECK(cpu_off.total() == cpu.total());
+  CHECK(cpu_off.host_pinned_bytes == 0);
+  // with 3 layers or fewer nothing leaves the device: the slots are the per-layer outputs
+  cfg.model.n_layer = 3;
+  CHECK(estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cuda_bf16, true).total() ==
+        estimate_memory(cfg, P, P, N, Recompute::full, 1, MemoryLayout::cuda_bf16).total());
+  // the longest sequence grows (the device budget excludes the host copy)
+  cfg.model.n_layer = 8;
+  const double budget = 2e9;
+  const int64_t n_full = longest_sequence(cfg, P, P, Recompute::full, 1, MemoryLayout::cuda_bf16, budget);
+  const int64_t n_off = longest_sequence(cfg, P, P, Recompute::full, 1, MemoryLayout::cuda_bf16, budget, true);
+  std::printf("longest sequence within 2 GB, L 8, C 256, P 2: full %lld, full + offload %lld\n", (long long)n_full,
+              (long long)n_off);
+  CHECK(n_off > n_full);
+  // the model refuses it where it cannot run (the config check names the keys first)
+  EmulatedSequenceCommunicator seq(1, 0);
+  GPTRunShape run{2, 256, 1, 0, Recompute::full};
+  run.offload_checkpoints = true;
+  cfg.model.max_seq_len = 256;
+  CHECK_THROWS_WITH(GPT(cfg.model, run, Device::cpu, &seq),
+                    Catch::Contains("runtime.offload 'checkpoints' needs runtime.recompute full and runtime.device cuda"));
+  run.recompute = Recompute::selective;
+  CHECK_THROWS_AS(GPT(cfg.model, run, Device::cpu, &seq), UserError);
+}
