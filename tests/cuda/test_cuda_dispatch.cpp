@@ -429,11 +429,15 @@ Results errors_case(ops::Context& ctx) {
                        [&] { ops::attention_forward(ctx, dev(b, {1, 8, 2, 32}), dev(f, {1, 2, 8}),
                                                     dev(b, {1, 8, 6, 32}), 2, 2); },
                        {"attention_forward", "head dimension 32"}));
-  ctx.cudnn_attention = true;
-  res.push_back(throws("cuDNN attention not wired",
-                       [&] { ops::attention_forward(ctx, dev(b, {1, 8, 2, 64}), dev(f, {1, 2, 8}),
-                                                    dev(b, {1, 8, 6, 64}), 2, 2); },
-                       {"attention_forward", "cuDNN attention is not wired"}));
+  // (cuDNN SDPA is wired since runtime.attention = cudnn: that case now runs, see
+  // test_cudnn_attention.) Grouped-query attention needs Hq a multiple of Hkv, on both paths.
+  for (bool cudnn : {false, true}) {
+    ctx.cudnn_attention = cudnn;
+    res.push_back(throws(cudnn ? "attention Hq % Hkv != 0 (cuDNN)" : "attention Hq % Hkv != 0",
+                         [&] { ops::attention_forward(ctx, dev(b, {1, 8, 3, 64}), dev(f, {1, 3, 8}),
+                                                      dev(b, {1, 8, 7, 64}), 3, 2); },
+                         {"attention_forward", "Hq=3 is not a multiple of Hkv=2"}));
+  }
   ctx.cudnn_attention = false;
   res.push_back(throws("copy to the host on a cpu context",
                        [&] {
