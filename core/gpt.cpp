@@ -325,6 +325,12 @@ void GPT::check_cuda_shape(const ModelConfig& m, bool cudnn_attention) {
     throw_user_error("model.n_embd / model.n_head: head_dim = {} / {} = {}, but the flash attention kernels of "
                      "runtime.device cuda take head_dim 64 or 128 (runtime.attention: cudnn takes others)",
                      m.n_embd, m.n_head, m.head_dim());
+  // cuDNN's SDPA (kernels/cuda/attention_cudnn.h) takes head dims that are multiples of 8 up to
+  // 128; the flash kernels' 64 and 128 are among them, so the constructor's check covers both
+  if (m.head_dim() % 8 != 0 || m.head_dim() > 128)
+    throw_user_error("model.n_embd / model.n_head: head_dim = {} / {} = {}, but runtime.device cuda takes a "
+                     "head_dim that is a multiple of 8 and at most 128 (runtime.attention: cudnn; flash: 64 or 128)",
+                     m.n_embd, m.n_head, m.head_dim());
 }
 
 // Page-locked host memory for the three int32 input rows [3, B*T] (tokens, targets, positions),

@@ -277,10 +277,11 @@ class GPT {
 
   // What the CUDA kernels need of the shape, as UserErrors naming the keys: model.n_embd and the
   // qkv width (n_head + 2 n_kv_head) * head_dim multiples of 8 (16-byte rows for cuBLASLt and the
-  // vector loads), and, unless cudnn_attention (runtime.attention: cudnn), a head_dim of 64 or
-  // 128 (the handwritten flash kernels). The constructor checks the first part on cuda, forward
-  // the second (the attention choice is set on context() after construction); the trainer may
-  // call it whole before building anything.
+  // vector loads), a head_dim that cuDNN's SDPA takes (a multiple of 8, at most 128) and, unless
+  // cudnn_attention (runtime.attention: cudnn), a head_dim of 64 or 128 (the handwritten flash
+  // kernels). The constructor checks all but the last on cuda, forward the last (the attention
+  // choice is set on context() after construction); the trainer may call it whole before
+  // building anything.
   static void check_cuda_shape(const ModelConfig& m, bool cudnn_attention);
 
  private:

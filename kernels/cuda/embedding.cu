@@ -89,8 +89,15 @@ void backward_by_key(float* dw, const bf16* dout, const int32_t* ids, int64_t ro
   int32_t* rows_in = reinterpret_cast<int32_t*>(p + vec);
   int32_t* rows_sorted = reinterpret_cast<int32_t*>(p + 2 * vec);
   void* temp = p + 3 * vec;
-  const int end_bit = bits_for(id_limit);
+  // Sorting only the bits the ids use saves passes. The scratch was sized for all 32 bits
+  // (embedding_backward_scratch_bytes); should CUB want more for fewer bits, sort all 32 (the same
+  // stable order, since the ids are non-negative).
+  int end_bit = bits_for(id_limit);
   size_t temp_bytes = radix_temp_bytes(rows, end_bit);
+  if (3 * vec + temp_bytes > scratch_bytes) {
+    end_bit = 32;
+    temp_bytes = radix_temp_bytes(rows, end_bit);
+  }
   if (3 * vec + temp_bytes > scratch_bytes)
     cuda_check_fail(__FILE__, __LINE__, "embedding_backward", "scratch smaller than embedding_backward_scratch_bytes()");
   iota_kernel<<<grid_for(rows, 256), 256, 0, stream>>>(rows_in, rows);

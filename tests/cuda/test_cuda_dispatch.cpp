@@ -499,6 +499,15 @@ Results errors_case(ops::Context& ctx) {
                        [&] { ops::attention_forward(ctx, dev(b, {1, 8, 2, 32}), dev(f, {1, 2, 8}),
                                                     dev(b, {1, 8, 6, 32}), 2, 2); },
                        {"attention_forward", "head dimension 32"}));
+  // (cuDNN SDPA is wired since runtime.attention = cudnn: that case now runs, see
+  // test_cudnn_attention.) Grouped-query attention needs Hq a multiple of Hkv, on both paths.
+  for (bool cudnn : {false, true}) {
+    ctx.cudnn_attention = cudnn;
+    res.push_back(throws(cudnn ? "attention Hq % Hkv != 0 (cuDNN)" : "attention Hq % Hkv != 0",
+                         [&] { ops::attention_forward(ctx, dev(b, {1, 8, 3, 64}), dev(f, {1, 3, 8}),
+                                                      dev(b, {1, 8, 7, 64}), 3, 2); },
+                         {"attention_forward", "Hq=3 is not a multiple of Hkv=2"}));
+  }
   ctx.cudnn_attention = true;
   // cuDNN SDPA refuses a head dimension that is not a multiple of 8 before any device work
   res.push_back(throws("cuDNN attention head dimension 36",

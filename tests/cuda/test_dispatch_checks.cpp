@@ -1,5 +1,5 @@
 // The argument checks of the CUDA dispatch in kernels/ops.cpp, without a GPU: tensors with the
-// wrong dtype or device, unsupported shapes and the unwired cuDNN attention must give a
+// wrong dtype or device, and unsupported shapes must give a
 // std::runtime_error naming the op (and the argument) BEFORE any CUDA call. The context is a
 // cuda ops::Context whose CudaState is built by hand, with no stream, no cuBLASLt and no
 // buffers, and the tensors point at host memory labelled cuda: nothing may touch them, and a
@@ -85,8 +85,16 @@ TEST_CASE("cuda dispatch: unsupported shapes are errors", "[dispatch]") {
                                               f.dev(bf16, {1, 8, 7, 64}), f.dev(bf16, {1, 8, 3, 64}),
                                               f.dev(f32, {1, 3, 8}), 3, 2),
                       Contains("op attention_backward: Hq=3 is not a multiple of Hkv=2"));
-  // (runtime.attention = cudnn goes to cuda::CudnnAttention, which needs a real device:
-  // tests/cuda/test_cudnn_attention.cpp)
+  // runtime.attention = cudnn checks Hq % Hkv in the dispatch too, before cuda::CudnnAttention
+  // (which needs a real device: tests/cuda/test_cudnn_attention.cpp) is made
+  f.ctx.cudnn_attention = true;
+  REQUIRE_THROWS_WITH(ops::attention_forward(f.ctx, f.dev(bf16, {1, 8, 3, 64}), f.dev(f32, {1, 3, 8}),
+                                             f.dev(bf16, {1, 8, 7, 64}), 3, 2),
+                      Contains("op attention_forward: Hq=3 is not a multiple of Hkv=2"));
+  REQUIRE_THROWS_WITH(ops::attention_forward(f.ctx, f.dev(f32, {1, 8, 2, 32}), f.dev(f32, {1, 2, 8}),
+                                             f.dev(bf16, {1, 8, 6, 32}), 2, 2),
+                      Contains("op attention_forward: out must be bf16"));
+  f.ctx.cudnn_attention = false;
   // a moved-from context has no CUDA state left
   ops::Context moved = std::move(f.ctx);
   REQUIRE_THROWS_WITH(ops::gelu_forward(f.ctx, f.dev(bf16, {64}), f.dev(bf16, {64})),

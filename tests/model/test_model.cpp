@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <random>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -187,6 +189,98 @@ TEST_CASE("the CUDA shape checks name the keys (no GPU needed)", "[model]") {
   m.n_kv_head = 1;
   CHECK_THROWS_WITH(GPT::check_cuda_shape(m, true), Catch::Contains("model.n_head / model.n_kv_head") &&
                                                         Catch::Contains("= 30 must be a multiple of 8"));
-  m.n_kv_head = 4;  // (8 + 8) * 3 = 48
+  m.n_kv_head = 4;  // (8 + 8) * 3 = 48: the widths pass, but cuDNN takes no head_dim of 3
+  CHECK_THROWS_WITH(GPT::check_cuda_shape(m, true), Catch::Contains("model.n_embd / model.n_head") &&
+                                                        Catch::Contains("multiple of 8 and at most 128"));
+  m.n_embd = 256;  // head_dim 32 with cuDNN, 256 with nothing
+  m.n_head = 8;
+  m.n_kv_head = 2;
   CHECK_NOTHROW(GPT::check_cuda_shape(m, true));
+  m.n_head = 1;
+  m.n_kv_head = 1;
+  CHECK_THROWS_WITH(GPT::check_cuda_shape(m, true), Catch::Contains("head_dim = 256 / 1 = 256"));
+}
+
+TEST_CASE("the CUDA compute copy keeps every parameter tensor and layer slice 16-byte aligned (no GPU needed)",
+          "[model]") {
+  // On cuda the model reads bf16 views at the fp32 master's element offsets: every tensor of the
+  // flat buffer and every layer slice must start at a multiple of 8 elements (16 bytes of bf16)
+  // for the vector loads and cuBLASLt's alignment, and Vp must be a multiple of 8 (the LM head's
+  // OC). Shapes that check_cuda_shape accepts: GPT-2 124M, RoPE + GQA, odd layer counts, small
+  // heads, a vocabulary that pads.
+  struct Case {
+    int L, C, Hq, Hkv, V, maxT;
+    const char* positions;
+  };
+  const Case cases[] = {{12, 768, 12, 0, 50257, 1024, "learned"}, {3, 256, 4, 1, 300, 64, "rope"},
+                        {5, 40, 5, 5, 61, 33, "learned"},        {2, 64, 8, 2, 1000, 7, "learned"},
+                        {1, 128, 2, 1, 7, 1, "rope"}};
+  for (const Case& c : cases) {
+    ModelConfig m;
+    m.n_layer = c.L;
+    m.n_embd = c.C;
+    m.n_head = c.Hq;
+    m.n_kv_head = c.Hkv;
+    m.vocab_size = c.V;
+    m.max_seq_len = c.maxT;
+    m.position_embedding = c.positions;
+    INFO("L " << c.L << " C " << c.C << " Hq " << c.Hq << " Hkv " << c.Hkv << " V " << c.V);
+    REQUIRE_NOTHROW(GPT::check_cuda_shape(m, /*cudnn_attention=*/true));
+    const GPTShape s = GPTShape::from(m);
+    CHECK(s.Vp % 8 == 0);
+    int64_t offset = 0;
+    int k = 0;
+    for (const ParameterSpec& p : parameter_specs(s)) {
+      INFO("parameter " << p.name);
+      CHECK(offset % 8 == 0);
+      if (k >= kFirstLayerTensor && k < kFirstLayerTensor + kNumLayerTensors) {
+        REQUIRE(p.shape[0] == c.L);
+        CHECK((p.numel() / c.L) % 8 == 0);  // layer l starts at offset + l * this
+      }
+      offset += p.numel();
+      ++k;
+    }
+  }
+}
+
+TEST_CASE("the activation arena on cuda: bf16 activations, f32 statistics, i32 inputs (no GPU needed)", "[model]") {
+  // The dtypes each op's CUDA dispatch demands (kernels/ops.h) of the buffers the model hands it:
+  // LayerNorm mean / rstd, attention lse and the losses f32, tokens / targets / positions i32, the
+  // forward_logits row f32 [Vp], every activation, activation gradient and all-to-all buffer bf16.
+  // On cpu everything is f32 but the i32 inputs. Every buffer starts 256-byte aligned.
+  ModelConfig m = tiny_model("rope", 4, 2);
+  const GPTShape s = GPTShape::from(m);
+  const std::set<std::string> f32_names = {"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lse",
+                                           "lnf_mean", "lnf_rstd", "losses",   "logits_row"};
+  const std::set<std::string> i32_names = {"tokens", "targets", "positions"};
+  for (Recompute rc : {Recompute::none, Recompute::selective, Recompute::full}) {
+    for (int P : {1, 2}) {
+      const GPTRunShape run{2, 16, P, P == 2 ? 8 : 0, rc};
+      const int hq = s.Hq / P, hkv = s.Hkv / P;
+      for (Device device : {Device::cpu, Device::cuda}) {
+        INFO("recompute " << recompute_name(rc) << " P " << P << " " << device_name(device));
+        bool saw_logits_row = false, saw_qkv = false;
+        for (const ActivationBuffer& b : GPT::activation_layout(s, run, hq, hkv, P > 1 ? 4096 : 0, device)) {
+          INFO("buffer " << b.name);
+          CHECK(b.bytes % 256 == 0);
+          const DType want = i32_names.count(b.name)                                 ? DType::i32
+                             : f32_names.count(b.name) || device == Device::cpu ? DType::f32
+                                                                                     : DType::bf16;
+          CHECK(b.dtype == want);
+          if (b.name == "logits_row") {
+            saw_logits_row = true;
+            CHECK(b.dims == std::vector<int64_t>{s.Vp});
+          }
+          if (b.name == "logits") CHECK(b.dims == std::vector<int64_t>{run.lm_head_chunk(), s.Vp});
+          if (b.name == "qkv") {
+            saw_qkv = true;
+            CHECK(b.dims == std::vector<int64_t>{run.B, run.N, hq + 2 * hkv, s.d});
+          }
+          if (b.name == "qkv_local") CHECK(b.dims == std::vector<int64_t>{run.B, run.T(), s.qkv_heads(), s.d});
+        }
+        CHECK(saw_logits_row == (device == Device::cuda));  // forward_logits' fp32 row: cuda only
+        CHECK(saw_qkv);
+      }
+    }
+  }
 }
