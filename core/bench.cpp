@@ -128,7 +128,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, recompute};
   run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
   GPT model(cfg.model, run, device, seq);
-  model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
+  model.context().cudnn_attention = uses_cudnn_attention(cfg);  // runtime.attention
   ops::Context& ctx = model.context();
   groups.set_stream(ctx.stream());
   model.init_weights(cfg.train.seed);
@@ -211,13 +211,14 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   if (const UlyssesAllToAll* u = model.ulysses()) {
     const UlyssesHeadPlan& plan = u->plan();
     const int d = cfg.model.head_dim();
-    formula = uint64_t(cfg.model.n_layer) * ulysses_layer_bytes_sent(plan, sp_rank, B, T, d, 4);
+    const int elem = device == Device::cuda ? 2 : 4;  // activations: bf16 on cuda, fp32 on cpu
+    formula = uint64_t(cfg.model.n_layer) * ulysses_layer_bytes_sent(plan, sp_rank, B, T, d, elem);
     if (recompute == Recompute::full) {
       // backward re-runs each layer's forward, its two all-to-alls included
       uint64_t forward = 0;
       for (int p = 0; p < P; ++p)
         if (p != sp_rank)
-          forward += uint64_t(B) * T * d * 4 *
+          forward += uint64_t(B) * T * d * uint64_t(elem) *
                      uint64_t(plan.qkv_offsets[p + 1] - plan.qkv_offsets[p] + plan.q_count[sp_rank]);
       formula += uint64_t(cfg.model.n_layer) * forward;
     }

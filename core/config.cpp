@@ -190,7 +190,7 @@ const std::vector<Field>& config_fields() {
     f.push_back(field("runtime.offload", &C::runtime, &RuntimeConfig::offload).one_of({"none", "checkpoints"}));
     f.push_back(field("runtime.tile_tokens", &C::runtime, &RuntimeConfig::tile_tokens).at_least(0));
     f.push_back(field("runtime.attention", &C::runtime, &RuntimeConfig::attention)
-                    .one_of({"flash", "cudnn"}));
+                    .one_of({"auto", "flash", "cudnn"}));
     f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads).at_least(0));
     f.push_back(field("runtime.comm_timeout", &C::runtime, &RuntimeConfig::comm_timeout).positive());
     f.push_back(field("runtime.debug_inject_nan_step", &C::runtime, &RuntimeConfig::debug_inject_nan_step)

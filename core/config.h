@@ -68,7 +68,7 @@ struct RuntimeConfig {
   std::string recompute = "none";  // none | selective | full
   std::string offload = "none";    // none | checkpoints (full recompute on cuda: layer outputs in pinned host memory)
   int tile_tokens = 0;             // MLP / LM-head chunk in tokens; 0: untiled
-  std::string attention = "flash"; // flash | cudnn (cuda only)
+  std::string attention = "auto";  // auto | flash | cudnn (cuda only; see uses_cudnn_attention)
   int threads = 0;                 // OpenMP threads per rank; 0: cores / local ranks
   double comm_timeout = 300.0;     // seconds before a stuck collective aborts the job
   // Testing aid (docs/reliability.md): poison one gradient with NaN on the last rank at steps
@@ -103,6 +103,13 @@ struct Config {
   LoggingConfig logging;
   std::string source;              // where it came from: a path, or "<embedded default>"
 };
+
+// runtime.attention on cuda: cudnn, or auto with a head_dim the flash kernels do not take
+// (they take 64 and 128; cuDNN SDPA any multiple of 8 up to 128).
+inline bool uses_cudnn_attention(const Config& c) {
+  const int d = c.model.head_dim();
+  return c.runtime.attention == "cudnn" || (c.runtime.attention == "auto" && d != 64 && d != 128);
+}
 
 // Loads `path` (empty: the embedded default), applies `overrides` ("key.path=value", YAML
 // scalar syntax), validates everything that does not need the world size. Throws UserError

@@ -208,7 +208,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   run.master_weights = !per_layer;
   run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
   GPT model(cfg.model, run, device, groups.sequence.get());
-  model.context().cudnn_attention = cfg.runtime.attention == "cudnn";  // runtime.attention
+  model.context().cudnn_attention = uses_cudnn_attention(cfg);  // runtime.attention
   ops::Context& ctx = model.context();
   groups.set_stream(ctx.stream());  // every device collective runs in order with the model's kernels
   std::optional<ZeroAdamW> optimizer;

@@ -354,7 +354,7 @@ TEST_CASE("enumerated strings list the allowed values", "[config][errors]") {
       {"runtime", "offload", "none, checkpoints"},
       {"runtime", "device", "auto, cpu, cuda"},
       {"parallel", "backend", "auto, mpi, nccl"},
-      {"runtime", "attention", "flash, cudnn"},
+      {"runtime", "attention", "auto, flash, cudnn"},
       {"data", "source", "shards, synthetic"},
       {"data", "tokenizer", "byte, gpt2"},
       {"logging", "level", "trace, debug, info, warn, error"},
