@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "tests/cuda/cuda_test_case.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace {
@@ -29,24 +30,6 @@ using Vec = std::vector<float>;
 using Ids = std::vector<int32_t>;
 using Shape = std::initializer_list<int64_t>;
 
-void skip_without_cuda() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("SKIPPED: no CUDA device\n");
-    std::fflush(stdout);
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
-    std::exit(77);
-  }
-}
-
-struct Result {
-  std::string output;
-  double err;
-  double tol;
-};
-using Results = std::vector<Result>;
 
 // Views: a host fp32 / i32 vector, a device buffer (its dtype from the element type).
 Tensor host(const Vec& v, Shape s) { return Tensor(const_cast<float*>(v.data()), s, DType::f32, Device::cpu); }

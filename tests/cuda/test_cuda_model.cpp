@@ -42,27 +42,17 @@
 #include "core/optimizer.h"
 #include "kernels/cuda/cuda_check.h"
 #include "tests/test_util.h"
+#include "tests/cuda/cuda_test_case.h"
 
 namespace {
 
 using namespace ulysses;
+using ulysses::cuda::test::skip_without_cuda;
 
 constexpr double kLossTol = 2e-2;      // relative, loss (mean over valid targets)
 constexpr double kGradTol = 5e-2;      // relative L2 norm of the difference, all parameters
 constexpr double kTensorTol = 0.15;    // the same, per parameter tensor
 constexpr double kLogitsTol = 2e-2;    // max |diff| / max |cpu| over one logits row
-
-void skip_without_cuda() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("SKIPPED: no CUDA device\n");
-    std::fflush(stdout);
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
-    std::exit(77);
-  }
-}
 
 ModelConfig small_model(bool rope) {
   ModelConfig m;

@@ -18,6 +18,7 @@
 
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "tests/cuda/cuda_test_case.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace {
@@ -27,24 +28,6 @@ using namespace ulysses::cuda::test;
 using cuda::bf16;
 using Vec = std::vector<float>;
 
-void skip_without_cuda() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("SKIPPED: no CUDA device\n");
-    std::fflush(stdout);
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
-    std::exit(77);
-  }
-}
-
-struct Result {
-  std::string output;
-  double err;
-  double tol;
-};
-using Results = std::vector<Result>;
 
 struct Case {
   std::string name;
