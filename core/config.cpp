@@ -193,6 +193,7 @@ const std::vector<Field>& config_fields() {
                     .one_of({"auto", "flash", "cudnn"}));
     f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads).at_least(0));
     f.push_back(field("runtime.comm_timeout", &C::runtime, &RuntimeConfig::comm_timeout).positive());
+    f.push_back(field("runtime.overlap_comm", &C::runtime, &RuntimeConfig::overlap_comm));
     f.push_back(field("runtime.debug_inject_nan_step", &C::runtime, &RuntimeConfig::debug_inject_nan_step)
                     .at_least(0));
     f.push_back(field("runtime.debug_inject_nan_steps", &C::runtime, &RuntimeConfig::debug_inject_nan_steps)
@@ -665,6 +666,11 @@ struct Loader {
       throw_user_error("{}: runtime.offload 'checkpoints' copies between GPU and pinned host memory and needs "
                        "runtime.device cuda, got '{}'",
                        where_set({"runtime.offload", "runtime.device"}), r.device);
+    // a second CUDA stream for ZeRO 2 / 3's per-layer collectives (core/zero3.h)
+    if (r.overlap_comm && r.device != "cuda")
+      throw_user_error("{}: runtime.overlap_comm runs ZeRO's per-layer collectives on a second CUDA stream and "
+                       "needs runtime.device cuda, got '{}'",
+                       where_set({"runtime.overlap_comm", "runtime.device"}), r.device);
 
     const DataConfig& d = config.data;
     if (d.source == "shards" && d.train.empty())

@@ -67,6 +67,9 @@ struct RuntimeConfig {
   std::string device = "auto";     // auto | cpu | cuda
   std::string recompute = "none";  // none | selective | full
   std::string offload = "none";    // none | checkpoints (full recompute on cuda: layer outputs in pinned host memory)
+  // ZeRO 2 / 3 on cuda: the per-layer gathers and reduce-scatters on a communication stream of
+  // their own, overlapped with the layers' compute (core/zero3.h); needs device cuda
+  bool overlap_comm = false;
   int tile_tokens = 0;             // MLP / LM-head chunk in tokens; 0: untiled
   std::string attention = "auto";  // auto | flash | cudnn (cuda only; see uses_cudnn_attention)
   int threads = 0;                 // OpenMP threads per rank; 0: cores / local ranks

@@ -95,6 +95,7 @@ void require_same(const Config& a, const Config& b) {
   REQUIRE(a.runtime.attention == b.runtime.attention);
   REQUIRE(a.runtime.threads == b.runtime.threads);
   REQUIRE(same_bits(a.runtime.comm_timeout, b.runtime.comm_timeout));
+  REQUIRE(a.runtime.overlap_comm == b.runtime.overlap_comm);
   REQUIRE(a.checkpoint.dir == b.checkpoint.dir);
   REQUIRE(a.checkpoint.interval == b.checkpoint.interval);
   REQUIRE(a.checkpoint.keep_last == b.checkpoint.keep_last);
@@ -159,6 +160,7 @@ runtime:
   attention: cudnn
   threads: 2
   comm_timeout: 12.5
+  overlap_comm: true
 checkpoint:
   dir: ckpt
   interval: 10
@@ -219,6 +221,7 @@ TEST_CASE("every key loads into its field", "[config]") {
   CHECK(c.runtime.device == "cuda");
   CHECK(c.runtime.recompute == "full");
   CHECK(c.runtime.offload == "checkpoints");
+  CHECK(c.runtime.overlap_comm);
   CHECK(c.runtime.tile_tokens == 1024);
   CHECK(c.runtime.attention == "cudnn");
   CHECK(c.runtime.threads == 2);
@@ -446,6 +449,21 @@ TEST_CASE("conflicts between keys", "[config][errors]") {
               .runtime.offload == "checkpoints");
     CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.device=cuda", "runtime.offload=checkpoints"}),
                       Catch::Contains("needs runtime.recompute full"));
+  }
+  // runtime.overlap_comm: a second CUDA stream, so device cuda (auto and cpu refused, naming both keys)
+  CHECK(load_error(d + "runtime:\n  overlap_comm: true\n") ==
+        "test.yaml:4:17: runtime.overlap_comm runs ZeRO's per-layer collectives on a second CUDA stream and needs "
+        "runtime.device cuda, got 'auto'");
+  CHECK(load_error(d + "runtime:\n  device: cpu\n  overlap_comm: true\n")
+            .find("needs runtime.device cuda, got 'cpu'") != std::string::npos);
+  {
+    CHECK_FALSE(load_config_string(d, "t.yaml").runtime.overlap_comm);  // default false
+    CHECK(load_config_string(d + "runtime:\n  device: cpu\n  overlap_comm: false\n", "t.yaml").runtime.device == "cpu");
+    CHECK(load_config_string(d, "t.yaml", {"runtime.device=cuda", "runtime.overlap_comm=true"}).runtime.overlap_comm);
+    CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.overlap_comm=true"}),
+                      Catch::Contains("runtime.overlap_comm") && Catch::Contains("runtime.device"));
+    CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.device=cpu", "runtime.overlap_comm=true"}),
+                      Catch::Contains("got 'cpu'"));
   }
   CHECK(load_error(d + "checkpoint:\n  interval: 100\n") ==
         "test.yaml:4:13: key 'checkpoint.interval' (100) needs checkpoint.dir, the directory "
