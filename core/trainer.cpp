@@ -214,7 +214,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   std::optional<ZeroAdamW> optimizer;
   std::optional<LayerShardedZero> layer_zero;
   if (per_layer)
-    layer_zero.emplace(cfg.train, model, zero_stage, world, &host);
+    layer_zero.emplace(cfg.train, model, zero_stage, world, &host, cfg.runtime.overlap_comm);
   else
     optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device, &host);
   const GPTShape shape = model.shape();

@@ -5,6 +5,11 @@
 #include <cstring>
 
 #include "core/error.h"
+#ifdef ULYSSES_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
 
@@ -29,6 +34,85 @@ Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>
 
 }  // namespace
 
+// runtime.overlap_comm: the communication stream and its events (see Streams in core/zero3.h).
+// Created once, in the constructor; the step only records and waits.
+struct LayerShardedZero::Overlap {
+#ifdef ULYSSES_CUDA
+  cudaStream_t model = nullptr;             // the model context's stream (not owned)
+  cudaStream_t comm = nullptr;              // owned
+  cudaEvent_t model_mark = nullptr;         // model -> comm, re-recorded before each comm collective
+  cudaEvent_t comm_mark = nullptr;          // comm -> model, everything on comm so far (join)
+  std::array<cudaEvent_t, 2> gathered{};    // comm -> model: the latest gather into layer buffer b
+  std::array<cudaEvent_t, 2> reduced{};     // comm -> model: the latest reduce-scatter of grad buffer b
+  bool host_wait = false;                   // staged MPI: wait for comm after each collective
+
+  Overlap(void* model_stream, bool staged) : model(static_cast<cudaStream_t>(model_stream)), host_wait(staged) {
+    try {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&model_mark, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventCreateWithFlags(&comm_mark, cudaEventDisableTiming));
+      for (int b = 0; b < 2; ++b) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&gathered[size_t(b)], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&reduced[size_t(b)], cudaEventDisableTiming));
+      }
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Overlap() { release(); }
+  Overlap(const Overlap&) = delete;
+  Overlap& operator=(const Overlap&) = delete;
+
+  // not checked: called from the destructor and on the constructor's error path
+  void release() {
+    if (comm) cudaStreamSynchronize(comm);  // collectives in flight use the arena's buffers
+    for (cudaEvent_t e : gathered)
+      if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : reduced)
+      if (e) cudaEventDestroy(e);
+    if (comm_mark) cudaEventDestroy(comm_mark);
+    if (model_mark) cudaEventDestroy(model_mark);
+    if (comm) cudaStreamDestroy(comm);
+    comm = nullptr;
+  }
+
+  // the comm stream starts only after what the model stream has enqueued so far
+  void comm_follows_model() {
+    CUDA_CHECK(cudaEventRecord(model_mark, model));
+    CUDA_CHECK(cudaStreamWaitEvent(comm, model_mark, 0));
+  }
+  // the model stream waits for `done` (recorded on the comm stream)
+  void model_waits(cudaEvent_t done) { CUDA_CHECK(cudaStreamWaitEvent(model, done, 0)); }
+  // the model stream waits for everything enqueued on the comm stream so far
+  void join() {
+    CUDA_CHECK(cudaEventRecord(comm_mark, comm));
+    model_waits(comm_mark);
+  }
+  // run `collective` on `world` with the comm stream (after the model's work so far), record
+  // `done` on the comm stream after it, and put world back on the model stream
+  template <class F>
+  void on_comm_stream(Communicator& world, cudaEvent_t done, F&& collective) {
+    comm_follows_model();
+    world.set_stream(comm);
+    try {
+      collective();
+    } catch (...) {
+      world.set_stream(model);
+      throw;
+    }
+    world.set_stream(model);
+    CUDA_CHECK(cudaEventRecord(done, comm));
+    // staged MPI: the result's host-to-device copy (enqueued on comm) reads the communicator's
+    // pinned buffer, which the next collective on either stream refills: wait for it here. The
+    // collective blocked the host already, so this costs one short copy, not the overlap.
+    if (host_wait) CUDA_CHECK(cudaStreamSynchronize(comm));
+  }
+#else
+  Overlap(void*, bool) { throw std::runtime_error("runtime.overlap_comm: ulysses was built without CUDA"); }
+#endif
+};
+
 LayerShardLayout LayerShardLayout::make(const GPTShape& s, int world_size) {
   LayerShardLayout lay;
   lay.world = std::max(1, world_size);
@@ -51,7 +135,7 @@ LayerShardLayout LayerShardLayout::make(const GPTShape& s, int world_size) {
 }
 
 LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world,
-                                   Communicator* host_world)
+                                   Communicator* host_world, bool overlap_comm)
     : cfg_(cfg),
       model_(model),
       stage_(stage),
@@ -93,7 +177,9 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   const int buffers = stage == 3 ? 2 : 1;
   size_t o_buf[2] = {0, 0};
   for (int b = 0; b < buffers; ++b) o_buf[b] = reserve(lay_.block(), pb);
-  const size_t o_lgrad = reserve(lay_.block(), 4);
+  const int grad_buffers = overlap_comm ? 2 : 1;  // see Streams in core/zero3.h
+  size_t o_lgrad[2] = {0, 0};
+  for (int b = 0; b < grad_buffers; ++b) o_lgrad[b] = reserve(lay_.block(), 4);
   arena_.allocate();  // zeroed: the padding of every shard and buffer stays 0
 
   master_ = arena_.tensor(o_master, {L, S}, DType::f32);
@@ -107,7 +193,11 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   rest_v_ = arena_.tensor(o_rv, {R}, DType::f32);
   rest_grad_ = arena_.tensor(o_rgrad, {R}, DType::f32);
   for (int b = 0; b < buffers; ++b) layer_buf_[size_t(b)] = arena_.tensor(o_buf[b], {lay_.block()}, param_dtype_);
-  layer_grad_ = arena_.tensor(o_lgrad, {lay_.block()}, DType::f32);
+  for (int b = 0; b < grad_buffers; ++b) layer_grad_[size_t(b)] = arena_.tensor(o_lgrad[b], {lay_.block()}, DType::f32);
+  if (overlap_comm) {
+    ULYSSES_ASSERT(model.device() == Device::cuda, "runtime.overlap_comm needs runtime.device cuda (config checks it)");
+    overlap_ = std::make_unique<Overlap>(ctx_.stream(), /*staged=*/world.backend() != CommBackend::nccl);
+  }
   model_.set_layer_hooks(this);
 }
 
@@ -121,7 +211,10 @@ size_t LayerShardedZero::parameter_bytes() const {
   return b;
 }
 size_t LayerShardedZero::gradient_bytes() const {
-  return grad_shard_.bytes() + rest_grad_.bytes() + layer_grad_.bytes();
+  size_t b = grad_shard_.bytes() + rest_grad_.bytes();
+  for (const Tensor& buf : layer_grad_)
+    if (buf.data) b += buf.bytes();  // two with overlap_comm
+  return b;
 }
 size_t LayerShardedZero::state_bytes() const { return m_.bytes() + v_.bytes() + rest_m_.bytes() + rest_v_.bytes(); }
 
@@ -149,25 +242,44 @@ void LayerShardedZero::gather_layer(int l) {
   int& held = resident_[size_t(l % 2)];
   if (held == l) return;  // still there: the parameters change only in update()
   // [S] of every rank -> layer l's block [W·S] in the compute dtype
-  world_.all_gather(row(compute_, l).data, buf.data, size_t(lay_.shard), param_dtype_);
+  auto gather = [&] { world_.all_gather(row(compute_, l).data, buf.data, size_t(lay_.shard), param_dtype_); };
+#ifdef ULYSSES_CUDA
+  if (overlap_) {
+    // on the comm stream after every kernel enqueued so far (the last reader of this buffer is
+    // the layer before the running one, already enqueued); gathered[l % 2] marks it done
+    overlap_->on_comm_stream(world_, overlap_->gathered[size_t(l % 2)], gather);
+    held = l;
+    return;
+  }
+#endif
+  gather();
   held = l;
 }
 
 void LayerShardedZero::before_forward(int l) {
   if (stage_ != 3) return;
   gather_layer(l);
+  wait_gathered(l);                     // layer l's kernels follow this hook
   if (l + 1 < L_) gather_layer(l + 1);  // prefetch into the other buffer
 }
 
 void LayerShardedZero::before_backward(int l) {
   if (stage_ == 3) {
     gather_layer(l);  // after forward, layers L-1 and L-2 are still held
+    wait_gathered(l);
     if (l > 0) gather_layer(l - 1);
   }
-  // the model's backward accumulates into layer_grad_ [W·S]: zero, except this rank's own slot,
-  // which starts as its gradient shard l so far (the reduce-scatter then sums it in)
-  ops::fill_zero(ctx_, layer_grad_);
-  ops::copy(ctx_, own_slice(layer_grad_), row(grad_shard_, l));
+  Tensor& grad = grad_buffer(l);
+#ifdef ULYSSES_CUDA
+  // overlap_comm: this buffer's last reader is layer l + 2's reduce-scatter (or, at the top, one
+  // of the previous micro-batch); the comm stream is in order, so this also covers the
+  // reduce-scatter that last wrote gradient shard l, read just below
+  if (overlap_) overlap_->model_waits(overlap_->reduced[size_t(l % 2)]);
+#endif
+  // the model's backward accumulates into the layer gradient buffer [W·S]: zero, except this
+  // rank's own slot, which starts as its gradient shard l so far (the reduce-scatter then sums it in)
+  ops::fill_zero(ctx_, grad);
+  ops::copy(ctx_, own_slice(grad), row(grad_shard_, l));
   grad_layer_ = l;
 }
 
@@ -175,8 +287,33 @@ void LayerShardedZero::after_backward(int l) {
   ULYSSES_ASSERT(grad_layer_ == l, "after_backward({}) while layer {} runs", l, grad_layer_);
   // [W·S] summed over the world -> this rank's [S], straight into its shard: the shard's old value
   // sat in this rank's slot (before_backward), so the micro-batches accumulate
-  world_.reduce_scatter(layer_grad_.data, row(grad_shard_, l).data, size_t(lay_.shard), DType::f32, ReduceOp::sum);
+  const Tensor& grad = grad_buffer(l);
+  auto reduce = [&] {
+    world_.reduce_scatter(grad.data, row(grad_shard_, l).data, size_t(lay_.shard), DType::f32, ReduceOp::sum);
+  };
+#ifdef ULYSSES_CUDA
+  if (overlap_) {
+    // on the comm stream after layer l's backward kernels (enqueued: this hook follows them);
+    // the model stream goes on with layer l - 1 in the other buffer
+    overlap_->on_comm_stream(world_, overlap_->reduced[size_t(l % 2)], reduce);
+    grad_layer_ = -1;
+    return;
+  }
+#endif
+  reduce();
   grad_layer_ = -1;
+}
+
+void LayerShardedZero::wait_gathered([[maybe_unused]] int l) {
+#ifdef ULYSSES_CUDA
+  if (overlap_) overlap_->model_waits(overlap_->gathered[size_t(l % 2)]);  // a no-op when long done
+#endif
+}
+
+void LayerShardedZero::join_comm() {
+#ifdef ULYSSES_CUDA
+  if (overlap_) overlap_->join();
+#endif
 }
 
 LayerTensors LayerShardedZero::layer_params(int l) {
@@ -186,17 +323,19 @@ LayerTensors LayerShardedZero::layer_params(int l) {
 
 LayerTensors LayerShardedZero::layer_grads(int l) {
   ULYSSES_ASSERT(grad_layer_ == l, "layer {}'s gradients asked for outside its backward", l);
-  return views(layer_grad_);
+  return views(grad_buffer(l));
 }
 
 // ---- the step -----------------------------------------------------------------------------------
 
 void LayerShardedZero::zero_grad() {
+  join_comm();  // overlap_comm: no reduce-scatter may still write the shards zeroed here
   ops::fill_zero(ctx_, grad_shard_);
   ops::fill_zero(ctx_, rest_grad_);
 }
 
 double LayerShardedZero::reduce_gradients() {
+  join_comm();  // overlap_comm: every layer's reduce-scatter is done before the shards are read
   // the rest's gradient is whole in the model (accumulated over the micro-batches): [W·R] -> [R]
   world_.reduce_scatter(model_.grads_padded().data, rest_grad_.data, size_t(lay_.rest_shard), DType::f32,
                         ReduceOp::sum);
@@ -307,6 +446,7 @@ void LayerShardedZero::init_weights(uint64_t seed) {
 // through host memory over host_world: a few hundred MB at most for the largest shapes, and the
 // device needs no staging buffer.
 void LayerShardedZero::gather_full(float* params, float* m, float* v, bool with_state) {
+  join_comm();  // (between steps the comm stream is idle already; cheap and sure)
   const bool root = world_.rank() == 0;
   ULYSSES_ASSERT(!root || (params && (!with_state || (m && v))), "gather_full: rank 0 needs the output buffers");
   const auto flat = llmc_offsets(specs_);
@@ -337,6 +477,7 @@ void LayerShardedZero::gather_full(float* params, float* m, float* v, bool with_
 }
 
 void LayerShardedZero::scatter_full(const float* params, const float* m, const float* v, bool with_state) {
+  join_comm();  // the shards are overwritten below: no gather may still be reading them
   const bool root = world_.rank() == 0;
   ULYSSES_ASSERT(!root || (params && (!with_state || (m && v))), "scatter_full: rank 0 needs the input buffers");
   const auto flat = llmc_offsets(specs_);

@@ -14,6 +14,7 @@
 //     buffer l % 2, so the gather of the next layer (l + 1 in forward, l - 1 in backward) can
 //     run while layer l computes; stage 2: one, used only to publish updated parameters
 //   one layer gradient buffer [W·S] (fp32) that the model's backward accumulates layer l into
+//     (two with overlap_comm, layer l in l % 2: see Streams)
 // The non-layer tensors (wte, wpe, lnfw, lnfb: the "rest") stay whole in the model on every rank,
 // parameters and gradients (GPTRunShape::sharded_layer_*), as a contiguous block padded to W · R;
 // their master, m, v and summed gradient are sharded ([R] per rank) as at ZeRO 2.
@@ -40,18 +41,37 @@
 //   next forward gathers), stage 2 all-gathers each layer's compute shards into the model's
 //   whole compute parameters; the rest is all-gathered into the model at both stages.
 //
-// Streams. Every collective on `world` is enqueued on the model context's stream (the trainer
-// sets Communicator::set_stream to it), after the kernels that wrote its input and before those
-// that read its output, so one stream orders everything and no event is needed; the host waits
-// only in reduce_gradients (sum_squares) and in the checkpoint / init paths. The price: the
-// prefetch of layer l ± 1 runs after layer l's kernels, not beside them. Real overlap needs a
-// comm stream for the gathers (and the reduce-scatters), with events: "buffer b free" recorded
-// on the model stream after the last kernel of the layer that used buffer b (the comm stream
-// waits on it before gathering into b), and "layer l gathered" recorded on the comm stream after
-// the gather (the model stream waits on it in before_forward / before_backward). The places are
-// gather_layer (wait free, gather, record gathered) and after_backward (the reduce-scatter on the
-// comm stream after a "gradients done" event; before_backward's zeroing then waits for it).
-// With the staged MPI backend the collectives are host-blocking anyway, so only NCCL would gain.
+// Streams. By default (runtime.overlap_comm false, and always on the CPU) every collective on
+// `world` is enqueued on the model context's stream (the trainer sets Communicator::set_stream to
+// it), after the kernels that wrote its input and before those that read its output, so one
+// stream orders everything and no event is needed; the host waits only in reduce_gradients
+// (sum_squares) and in the checkpoint / init paths. The price: the prefetch of layer l ± 1 runs
+// after layer l's kernels, not beside them, and backward waits for each layer's reduce-scatter.
+//
+// overlap_comm (cuda only): the per-layer collectives run on a communication stream owned here
+// (created once, with its events). world_ is switched to it (set_stream) for the duration of each
+// per-layer collective and back to the model stream right after, so every other collective
+// (reduce_gradients, publish, the Ulysses all-to-alls on their own communicator) is unchanged.
+// Ordering, all by events (no host wait; nothing allocated in the step):
+//   model -> comm: before each collective on the comm stream, an event recorded on the model
+//     stream at that moment, which the comm stream waits on. The hooks run between layers, so
+//     it covers every kernel enqueued so far: the last reader of the target layer buffer (layer
+//     l - 1 when prefetching l + 1 in before_forward(l); l + 1 when prefetching l - 1 in
+//     before_backward(l)), the update that wrote the compute shards, the layer's gradients.
+//   stage 3 gathers: gathered[b] recorded on the comm stream after the gather into buffer b; the
+//     model stream waits on it in before_forward / before_backward before layer l (buffer l % 2)
+//     runs. The gather of l + 1 (forward) / l - 1 (backward) is issued before layer l runs, so it
+//     overlaps layer l's compute; the first layer's gather is waited on at once.
+//   gradients: two layer gradient buffers, layer l in l % 2. after_backward(l) reduce-scatters
+//     buffer l % 2 on the comm stream (after the model -> comm event) and records reduced[l % 2];
+//     before_backward(l) makes the model stream wait on reduced[l % 2] (layer l + 2's
+//     reduce-scatter, the last reader of that buffer) before zeroing it, so layer l + 1's
+//     reduce-scatter runs under layer l's backward. reduce_gradients first makes the model stream
+//     wait for everything on the comm stream (join), so the norm and the update see every shard.
+// Cost: one more [W·S] fp32 layer gradient buffer (stage 2 and 3). With NCCL the collectives
+// overlap; with the staged MPI backend each collective blocks the host anyway, and its pinned
+// buffers are shared by both streams, so after each comm-stream collective the host waits for
+// the comm stream (its last host-to-device copy): correct, no overlap.
 //
 // Checkpoints hold the whole parameters, m and v in llm.c order, as at every stage: gather_full
 // collects them on rank 0, scatter_full distributes them (both through host memory over
@@ -59,6 +79,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -94,14 +115,15 @@ class LayerShardedZero : public LayerHooks {
   // and run.flat_multiple = W (on cuda also master_weights = false); installs itself as the
   // model's LayerHooks. world: all ranks, on the model's memory (a device communicator on cuda,
   // its stream the model's); host_world: the same ranks on host memory (null: world is on host
-  // memory already).
+  // memory already). overlap_comm: runtime.overlap_comm, cuda only (see Streams above).
   LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage, Communicator& world,
-                   Communicator* host_world = nullptr);
+                   Communicator* host_world = nullptr, bool overlap_comm = false);
   ~LayerShardedZero() override;
   LayerShardedZero(const LayerShardedZero&) = delete;
   LayerShardedZero& operator=(const LayerShardedZero&) = delete;
 
   int stage() const { return stage_; }
+  bool overlap_comm() const { return overlap_ != nullptr; }
   const LayerShardLayout& layout() const { return lay_; }
 
   // GPT-2 init (parameter_init_values, the same values as GPT::init_weights): this rank keeps its
@@ -146,6 +168,12 @@ class LayerShardedZero : public LayerHooks {
   void publish();                  // the updated parameters to the model (see above)
   // this rank's slice [r·S, (r+1)·S) of a [W·S] block
   Tensor own_slice(Tensor block) const;
+  // the gradient buffer layer l's backward accumulates into: l % 2 with overlap_comm, else 0
+  Tensor& grad_buffer(int l) { return layer_grad_[size_t(overlap_ ? l % 2 : 0)]; }
+  // overlap_comm: the model stream waits for layer l's gather (no-op without)
+  void wait_gathered(int l);
+  // overlap_comm: the model stream waits for everything enqueued on the comm stream (no-op without)
+  void join_comm();
 
   TrainConfig cfg_;
   GPT& model_;
@@ -163,8 +191,13 @@ class LayerShardedZero : public LayerHooks {
   Tensor rest_compute_;                                   // [R] in param dtype (aliases rest_master_ if fp32)
   std::array<Tensor, 2> layer_buf_;                       // [W·S] compute dtype (stage 2: one)
   std::array<int, 2> resident_ = {-1, -1};                // layer held by each buffer
-  Tensor layer_grad_;                                     // [W·S] fp32
+  std::array<Tensor, 2> layer_grad_;                      // [W·S] fp32 (one without overlap_comm)
   int grad_layer_ = -1;                                   // layer whose backward is running
+  // overlap_comm: the comm stream and its events (core/zero3.cpp); null without. Declared after
+  // arena_, so it is destroyed first: its destructor waits for the comm stream, which may still
+  // be reading or writing the arena.
+  struct Overlap;
+  std::unique_ptr<Overlap> overlap_;
 };
 
 }  // namespace ulysses
