@@ -1,6 +1,7 @@
 // What the table-driven CUDA tests share (tests/cuda/test_*.cpp run under the MPI-aware
 // tests/test_main.cpp): the SKIPPED exit without a device, and one checked result row.
 #pragma once
+#include <catch2/catch.hpp>
 #include <cuda_runtime.h>
 #include <mpi.h>
 
@@ -31,5 +32,20 @@ struct Result {
   double tol;
 };
 using Results = std::vector<Result>;
+
+// One line per result ("ok" / "FAIL", the case, the output, error and bound) and a Catch check
+// each; NaN and inf errors fail (they compare false). Returns the number of failures.
+inline int check_results(const std::string& case_name, const Results& results) {
+  int failures = 0;
+  for (const Result& r : results) {
+    const bool ok = r.err <= r.tol;
+    failures += !ok;
+    std::printf("%s  %-44s %-28s err %.3e  tol %.0e\n", ok ? "ok  " : "FAIL", case_name.c_str(), r.output.c_str(),
+                r.err, r.tol);
+    INFO(case_name << ": " << r.output << " err " << r.err << " tol " << r.tol);
+    CHECK(ok);
+  }
+  return failures;
+}
 
 }  // namespace ulysses::cuda::test

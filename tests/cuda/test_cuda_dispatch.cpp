@@ -570,14 +570,7 @@ TEST_CASE("every op dispatches to CUDA and matches the CPU", "[cuda]") {
       CHECK(error.empty());
       continue;
     }
-    for (const Result& r : results) {
-      const bool ok = r.err <= r.tol;  // NaN and inf compare false
-      failures += !ok;
-      std::printf("%s  %-44s %-28s err %.3e  tol %.0e\n", ok ? "ok  " : "FAIL", c.name.c_str(), r.output.c_str(),
-                  r.err, r.tol);
-      INFO(c.name << ": " << r.output << " err " << r.err << " tol " << r.tol);
-      CHECK(ok);
-    }
+    failures += check_results(c.name, results);
   }
   std::printf("%d failure(s)\n", failures);
 }

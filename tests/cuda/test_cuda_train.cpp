@@ -50,6 +50,7 @@
 #include "core/llmc.h"
 #include "core/memory_estimate.h"
 #include "core/trainer.h"
+#include "tests/test_util.h"
 #include "core/zero.h"
 #include "core/zero3.h"
 
@@ -123,20 +124,7 @@ int train(const Config& cfg, MPI_Comm comm = MPI_COMM_WORLD) {
   return run_train(cfg, mpi);
 }
 
-// The values of `key` in a metrics file, as written (shortest exact decimal form).
-std::vector<std::string> field_values(const fs::path& metrics, const std::string& key) {
-  std::ifstream in(metrics);
-  std::vector<std::string> out;
-  std::string line;
-  const std::string k = "\"" + key + "\": ";
-  while (std::getline(in, line)) {
-    const size_t at = line.find(k);
-    if (at == std::string::npos) continue;
-    const size_t b = at + k.size();
-    out.push_back(line.substr(b, line.find_first_of(",}", b) - b));
-  }
-  return out;
-}
+using ulysses::test::field_values;  // tests/test_util.h
 std::vector<double> numbers(const std::vector<std::string>& v) {
   std::vector<double> out;
   for (const std::string& s : v) out.push_back(std::stod(s));

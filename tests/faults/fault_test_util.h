@@ -13,6 +13,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "core/trainer.h"
+#include "tests/test_util.h"
 
 namespace ulysses::fault_test {
 
@@ -58,19 +59,6 @@ inline int run(const Config& cfg) {
   return run_train(cfg, mpi);
 }
 
-// The values of `key` in a metrics JSON-lines file, as written (shortest exact decimal form).
-inline std::vector<std::string> field_values(const fs::path& metrics, const std::string& key) {
-  std::ifstream in(metrics);
-  std::vector<std::string> out;
-  std::string line;
-  const std::string k = "\"" + key + "\": ";
-  while (std::getline(in, line)) {
-    const size_t at = line.find(k);
-    if (at == std::string::npos) continue;
-    const size_t b = at + k.size();
-    out.push_back(line.substr(b, line.find_first_of(",}", b) - b));
-  }
-  return out;
-}
+using ulysses::test::field_values;  // tests/test_util.h
 
 }  // namespace ulysses::fault_test

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/memory_estimate.h"
 #include "core/zero.h"
+#include "tests/test_util.h"
 
 using namespace ulysses;
 
@@ -41,15 +42,10 @@ struct Case {
 
 TEST_CASE("the memory estimate matches the resident memory of a real rank within 10%", "[scale][memory]") {
   if (resident_bytes() < 0) return;  // no /proc: nothing to measure
-#if defined(__SANITIZE_ADDRESS__)
-  WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
-  return;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
-  return;
-#endif
-#endif
+  if (test::kAddressSanitizer) {
+    WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
+    return;
+  }
   // every large block its own mapping, returned on free: otherwise glibc raises its mmap threshold
   // after the first case and the next one reuses already-resident heap pages
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);

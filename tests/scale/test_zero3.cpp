@@ -343,15 +343,10 @@ Growth measure_stage(const Config& cfg, int stage, ProcessGroups& groups) {
 
 TEST_CASE("ZeRO 3 lowers a rank's peak memory by what the estimate says", "[scale][zero3][memory]") {
   if (world_size() != 4 || status_bytes("VmRSS:") < 0) return;
-#if defined(__SANITIZE_ADDRESS__)
-  WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
-  return;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
-  return;
-#endif
-#endif
+  if (test::kAddressSanitizer) {
+    WARN("not measured under AddressSanitizer: its allocator and shadow memory change the RSS");
+    return;
+  }
   // every large block its own mapping, returned on free (see test_memory_estimate)
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   Config cfg;

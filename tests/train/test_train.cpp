@@ -18,6 +18,7 @@
 #include "core/gpt.h"
 #include "core/llmc.h"
 #include "core/trainer.h"
+#include "tests/test_util.h"
 
 namespace fs = std::filesystem;
 using namespace ulysses;
@@ -47,20 +48,7 @@ int run(const Config& cfg) {
   return run_train(cfg, mpi);
 }
 
-// "loss" (and "val_loss") values of a metrics file, as written (shortest exact decimal form).
-std::vector<std::string> field_values(const fs::path& metrics, const std::string& key) {
-  std::ifstream in(metrics);
-  std::vector<std::string> out;
-  std::string line;
-  while (std::getline(in, line)) {
-    const std::string k = "\"" + key + "\": ";
-    const size_t at = line.find(k);
-    if (at == std::string::npos) continue;
-    const size_t b = at + k.size();
-    out.push_back(line.substr(b, line.find_first_of(",}", b) - b));
-  }
-  return out;
-}
+using ulysses::test::field_values;  // tests/test_util.h
 
 }  // namespace
 
