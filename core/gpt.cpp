@@ -183,7 +183,7 @@ struct GPT::Activations {
 // What is stored where, per recompute mode (and MLP tiling, which makes fch / fch_gelu
 // chunk-sized and recomputed per chunk in backward):
 //   none:      every Layer field per layer
-//   selective: ln1 and ln2 of every layer share ln_work; fch_gelu shares work.fch_gelu
+//   selective: ln1 and ln2 of every layer share ln_work; fch and fch_gelu share work's
 //   full:      only residual3 per layer; the rest of every Layer is `work`; with offloaded
 //              checkpoints not even that: residual3 is one of min(L, kCheckpointSlots) slots
 // Reserves into `arena` (which is not allocated here); `slots` gets the (view, offset) pairs the
@@ -238,10 +238,12 @@ void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, si
     for (int k = 0; k < A.num_checkpoint_slots; ++k)
       want(A.checkpoint_slots[size_t(k)], "residual3 slot", "checkpoint_slots", -1, {BT, C}, act);
   }
+  // fch and fch_gelu [chunk, 4C] are shared by the layers whenever backward recomputes them:
+  // tiled (per chunk), full (the layer's forward) and selective (mlp_backward re-runs the fc GEMM
+  // with its GELU epilogue, which writes both: see there)
   const bool shared_mlp = rc != Recompute::none || run.mlp_tiled();
   if (shared_mlp) {
-    // tiled: one chunk, recomputed per chunk in backward; full: one layer's worth
-    if (run.mlp_tiled() || rc == Recompute::full) want(w.fch, "fch", "recompute", -1, {chunk, 4 * C}, act);
+    want(w.fch, "fch", "recompute", -1, {chunk, 4 * C}, act);
     want(w.fch_gelu, "fch_gelu", "recompute", -1, {chunk, 4 * C}, act);
   }
   for (int l = 0; l < s.L; ++l) {
@@ -269,14 +271,11 @@ void GPT::lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, si
     if (rc != Recompute::selective) want(a.ln2, "ln2", "layer", l, {BT, C}, act);
     want(a.ln2_mean, "ln2_mean", "attention_stats", l, {BT}, f32);
     want(a.ln2_rstd, "ln2_rstd", "attention_stats", l, {BT}, f32);
-    if (run.mlp_tiled()) {
-      a.fch = w.fch;
-    } else {
-      want(a.fch, "fch", "layer", l, {BT, 4 * C}, act);
-    }
     if (shared_mlp) {
+      a.fch = w.fch;
       a.fch_gelu = w.fch_gelu;
     } else {
+      want(a.fch, "fch", "layer", l, {BT, 4 * C}, act);
       want(a.fch_gelu, "fch_gelu", "layer", l, {BT, 4 * C}, act);
     }
     want(a.residual3, "residual3", "layer", l, {BT, C}, act);
@@ -583,8 +582,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     } else if (run.recompute == Recompute::selective) {
       a.ln1 = a.ln2 = A.ln_work;
     }
-    if (run.mlp_tiled()) a.fch = A.work.fch;
-    if (shared_mlp) a.fch_gelu = A.work.fch_gelu;
+    if (shared_mlp) {
+      a.fch = A.work.fch;
+      a.fch_gelu = A.work.fch_gelu;
+    }
   }
   if (P == 1) {
     // attention works in place on the local tensors: no all-to-all, no copies

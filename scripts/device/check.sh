@@ -139,7 +139,7 @@ torch_gpt torch_124m_n1k 60 --preset gpt2-124m --seq-len 1024 --batch 16
 ulysses_bench ulysses_1p3b_n8k 60 "$gpt13" "${gpt13_set[@]}" --set train.seq_len=8192 --set model.max_seq_len=8192 \
   --set runtime.recompute=none
 torch_gpt torch_1p3b_n8k 60 --preset gpt-1.3b --seq-len 8192 --batch 1
-# N = 32K: ulysses with selective recompute (fits 80 GB); PyTorch without recompute where it fits,
+# N = 32K: ulysses with selective recompute (44.8 GiB by `ulysses estimate`); PyTorch without recompute where it fits,
 # else with every block checkpointed (--recompute auto; the table says which)
 ulysses_bench ulysses_1p3b_n32k 75 "$gpt13" "${gpt13_set[@]}" --set train.seq_len=32768 --set model.max_seq_len=32768 \
   --set runtime.recompute=selective
