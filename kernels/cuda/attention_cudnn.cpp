@@ -20,9 +20,11 @@
 
 #include <cudnn.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <memory>
@@ -469,13 +471,16 @@ struct CudnnAttention::Impl {
   std::map<Shape, std::unique_ptr<Plan>> forward_plans, backward_plans;
 
   // Checks what cuDNN's SDPA engines require of the call (bad input: a UserError naming it).
-  void check(bool backward, const Shape& s, const void* qkv) const {
+  // pointers: every tensor the call passes (each described to cuDNN as 16-byte aligned)
+  void check(bool backward, const Shape& s, std::initializer_list<const void*> pointers) const {
     const char* direction = backward ? "backward" : "forward";
     std::string why;
     if (s.B <= 0 || s.N <= 0 || s.Hq <= 0 || s.Hkv <= 0) why = "all sizes must be positive";
     else if (s.Hq % s.Hkv != 0) why = "Hq must be a multiple of Hkv";
     else if (s.d % 8 != 0 || s.d > 128) why = "the head dimension must be a multiple of 8 and at most 128";
-    else if (reinterpret_cast<uintptr_t>(qkv) % 16 != 0) why = "qkv must be 16-byte aligned";
+    else if (std::any_of(pointers.begin(), pointers.end(),
+                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; }))
+      why = "qkv, out, lse (and dout, dqkv) must be 16-byte aligned";
     else if (backward && s.N < 2) why = "cuDNN has no SDPA backward for N = 1";
     else if (backward && s.N % 128 != 0 && version < 91600)
       why = "cuDNN before 9.16 needs N to be a multiple of 128 in the SDPA backward";
@@ -491,6 +496,9 @@ struct CudnnAttention::Impl {
     if (it != plans.end()) return *it->second;
     auto p = std::make_unique<Plan>();
     p->scale = 1.0f / std::sqrt(float(s.d));
+    // the masked scores' fill: -inf from 9.10 on; earlier softmax engines want the lowest finite
+    // float instead (-inf - (-inf) would make NaN in a fully masked tile)
+    if (version < 91000) p->neg_inf = std::numeric_limits<float>::lowest();
     if (backward) build_backward(*p, handle, s);
     else build_forward(*p, handle, s);
     int64_t cudnn_bytes = 0, count = 0;
@@ -539,6 +547,8 @@ CudnnAttention::CudnnAttention() : impl_(std::make_unique<Impl>()) {
   CUDNN_STEP_CHECK(std::string("creating the cuDNN handle"), cudnnCreate(&impl_->handle));
 }
 
+size_t CudnnAttention::version() const { return impl_->version; }
+
 CudnnAttention::~CudnnAttention() {
   impl_->forward_plans.clear();  // plans before the handle they were built with
   impl_->backward_plans.clear();
@@ -548,7 +558,7 @@ CudnnAttention::~CudnnAttention() {
 void CudnnAttention::forward(bf16* out, float* lse, const bf16* qkv, int B, int N, int Hq, int Hkv, int d,
                              cudaStream_t stream) {
   const Shape s{B, N, Hq, Hkv, d};
-  impl_->check(/*backward=*/false, s, qkv);
+  impl_->check(/*backward=*/false, s, {qkv, out, lse});
   Plan& p = impl_->plan(/*backward=*/false, s);
   bf16* qkv_mut = const_cast<bf16*>(qkv);  // the variant pack takes void*; cuDNN only reads inputs
   Pointers ptr{};
@@ -565,7 +575,7 @@ void CudnnAttention::forward(bf16* out, float* lse, const bf16* qkv, int B, int 
 void CudnnAttention::backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                               int B, int N, int Hq, int Hkv, int d, cudaStream_t stream) {
   const Shape s{B, N, Hq, Hkv, d};
-  impl_->check(/*backward=*/true, s, qkv);
+  impl_->check(/*backward=*/true, s, {qkv, out, lse, dout, dqkv});
   Plan& p = impl_->plan(/*backward=*/true, s);
   char* ws = static_cast<char*>(p.workspace);
   // cuDNN from 9.6 zeroes the dQ accumulator itself; before, the caller had to.

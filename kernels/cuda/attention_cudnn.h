@@ -47,6 +47,9 @@ class CudnnAttention {  // owns a cudnnHandle_t and a cache of finalized plans p
   // dqkv OVERWRITTEN (layout of qkv), from dout, qkv, out, lse (as saved by forward).
   void backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                 int B, int N, int Hq, int Hkv, int d, cudaStream_t stream);
+  // the cuDNN library loaded at run time, as cudnnGetVersion() (9.19.0 -> 91900): the backward
+  // of an N that is not a multiple of 128 needs 9.16 or later (a UserError before)
+  size_t version() const;
 
   struct Impl;
 
