@@ -5,11 +5,19 @@
 // order given. The last val_fraction of all tokens becomes the validation split, the rest the
 // training split; each split is written as shards of at most shard_tokens tokens:
 //   <out>/<name>_train_000000.bin, <name>_train_000001.bin, ..., <name>_val_000000.bin, ...
+// Memory does not grow with the corpus: each document's tokens are appended to a temporary file
+// in <out> (2 bytes a token; removed on success and on error), and the shards are then cut from
+// it one at a time. What is held at once: the largest input file's text and tokens, or one shard.
 #include "core/prepare.h"
 
 #include <spdlog/spdlog.h>
 
+#include <sys/types.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
 
@@ -21,16 +29,52 @@ namespace ulysses {
 
 namespace {
 
-// Writes tokens[begin, end) as shards <dir>/<name>_<split>_NNNNNN.bin; returns the number written.
-int write_split(const std::vector<uint16_t>& tokens, size_t begin, size_t end,
-                const std::string& dir, const std::string& name, const std::string& split,
-                int64_t shard_tokens) {
+// The tokens of every document, in order, in a temporary file (native-endian uint16, as the
+// shards store them), removed when this goes out of scope.
+class TokenSpool {
+ public:
+  explicit TokenSpool(std::string path) : path_(std::move(path)) {
+    file_ = std::fopen(path_.c_str(), "w+b");
+    if (!file_) throw_user_error("{}: cannot create a temporary file: {}", path_, std::strerror(errno));
+  }
+  ~TokenSpool() {
+    std::fclose(file_);
+    std::remove(path_.c_str());  // not checked: also runs while an error unwinds
+  }
+  TokenSpool(const TokenSpool&) = delete;
+  TokenSpool& operator=(const TokenSpool&) = delete;
+
+  void append(const std::vector<uint16_t>& tokens) {
+    if (!tokens.empty() && std::fwrite(tokens.data(), 2, tokens.size(), file_) != tokens.size())
+      throw_user_error("{}: cannot write {} tokens (disk full?): {}", path_, tokens.size(), std::strerror(errno));
+    count_ += tokens.size();
+  }
+  size_t count() const { return count_; }
+
+  // tokens [begin, begin + n)
+  std::vector<uint16_t> read(size_t begin, size_t n) {
+    std::vector<uint16_t> out(n);
+    if (std::fflush(file_) != 0 || fseeko(file_, off_t(begin) * 2, SEEK_SET) != 0 ||
+        std::fread(out.data(), 2, n, file_) != n)
+      throw_user_error("{}: cannot read back tokens {} to {}: {}", path_, begin, begin + n, std::strerror(errno));
+    return out;
+  }
+
+ private:
+  std::string path_;
+  std::FILE* file_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Writes tokens[begin, end) of the spool as shards <dir>/<name>_<split>_NNNNNN.bin, one shard in
+// memory at a time; returns the number written.
+int write_split(TokenSpool& spool, size_t begin, size_t end, const std::string& dir, const std::string& name,
+                const std::string& split, int64_t shard_tokens) {
   int index = 0;
   for (size_t pos = begin; pos < end; pos += size_t(shard_tokens), index++) {
     const size_t stop = std::min(end, pos + size_t(shard_tokens));
     const std::string path = fmt::format("{}/{}_{}_{:06d}.bin", dir, name, split, index);
-    write_token_shard(path, std::vector<uint16_t>(tokens.begin() + std::ptrdiff_t(pos),
-                                                  tokens.begin() + std::ptrdiff_t(stop)));
+    write_token_shard(path, spool.read(pos, stop - pos));
     spdlog::info("prepare: wrote {} ({} tokens)", path, stop - pos);
   }
   return index;
@@ -75,17 +119,27 @@ int run_prepare(const PrepareOptions& opts) {
                      "65536 tokens)",
                      tok->vocab_size());
 
-  // Read everything first, so that an unreadable input fails before any file is written.
-  std::vector<uint16_t> tokens;
+  // Every input must be readable before anything is created or written.
+  for (const std::string& path : opts.inputs) check_readable_file(path, "an input text file");
+  std::error_code ec;
+  std::filesystem::create_directories(opts.output_dir, ec);
+  if (ec || !std::filesystem::is_directory(opts.output_dir))
+    throw_user_error("{}: cannot create the output directory: {}", opts.output_dir,
+                     ec ? ec.message() : "a file of that name exists");
+
+  // One document at a time: its text and tokens, appended to the spool.
+  TokenSpool spool(fmt::format("{}/.{}.prepare-tokens.tmp", opts.output_dir, opts.name));
+  std::vector<uint16_t> doc;
   for (const std::string& path : opts.inputs) {
     const std::string text = read_whole_file(path, "an input text file");
-    const size_t before = tokens.size();
-    if (tok->eot_token() >= 0) tokens.push_back(uint16_t(tok->eot_token()));
-    for (int32_t t : tok->encode(text)) tokens.push_back(uint16_t(t));
-    spdlog::info("prepare: {}: {} bytes -> {} tokens", path, text.size(), tokens.size() - before);
+    doc.clear();
+    if (tok->eot_token() >= 0) doc.push_back(uint16_t(tok->eot_token()));
+    for (int32_t t : tok->encode(text)) doc.push_back(uint16_t(t));
+    spool.append(doc);
+    spdlog::info("prepare: {}: {} bytes -> {} tokens", path, text.size(), doc.size());
   }
 
-  const size_t total = tokens.size();
+  const size_t total = spool.count();
   const size_t n_val = size_t(std::llround(double(total) * opts.val_fraction));
   const size_t n_train = total - n_val;
   if (n_train == 0)
@@ -96,16 +150,8 @@ int run_prepare(const PrepareOptions& opts) {
     spdlog::warn("prepare: {} tokens are too few for a validation split of {}; writing none",
                  total, opts.val_fraction);
 
-  std::error_code ec;
-  std::filesystem::create_directories(opts.output_dir, ec);
-  if (ec || !std::filesystem::is_directory(opts.output_dir))
-    throw_user_error("{}: cannot create the output directory: {}", opts.output_dir,
-                     ec ? ec.message() : "a file of that name exists");
-
-  const int train_shards =
-      write_split(tokens, 0, n_train, opts.output_dir, opts.name, "train", opts.shard_tokens);
-  const int val_shards =
-      write_split(tokens, n_train, total, opts.output_dir, opts.name, "val", opts.shard_tokens);
+  const int train_shards = write_split(spool, 0, n_train, opts.output_dir, opts.name, "train", opts.shard_tokens);
+  const int val_shards = write_split(spool, n_train, total, opts.output_dir, opts.name, "val", opts.shard_tokens);
   warn_stale_shards(opts.output_dir, opts.name, "train", train_shards);
   warn_stale_shards(opts.output_dir, opts.name, "val", val_shards);
   spdlog::info("prepare: {} tokens (vocabulary {}): train {} tokens in {} shard(s), val {} "

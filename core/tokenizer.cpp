@@ -342,10 +342,16 @@ std::string find_in_dir(const std::string& dir, std::initializer_list<const char
 }  // namespace
 
 // Reads a whole file; errors name it and say what it was for (`what`).
-std::string read_whole_file(const std::string& path, const std::string& what) {
+void check_readable_file(const std::string& path, const std::string& what) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) throw_user_error("{}: {} not found (no such file)", path, what);
   if (S_ISDIR(st.st_mode)) throw_user_error("{}: is a directory, expected {}", path, what);
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw_user_error("{}: cannot open {} for reading", path, what);
+}
+
+std::string read_whole_file(const std::string& path, const std::string& what) {
+  check_readable_file(path, what);
   std::ifstream f(path, std::ios::binary);
   if (!f) throw_user_error("{}: cannot open {} for reading", path, what);
   std::ostringstream ss;

@@ -66,6 +66,9 @@ std::vector<std::string_view> gpt2_pretokenize(std::string_view text);
 // Reads a whole file into memory; a UserError names the file and says what it was wanted as
 // (`what`, e.g. "an input text file") when it is missing, a directory or unreadable.
 std::string read_whole_file(const std::string& path, const std::string& what);
+// The checks read_whole_file makes before reading (exists, not a directory, opens): a UserError
+// naming the file and `what` otherwise.
+void check_readable_file(const std::string& path, const std::string& what);
 
 // "byte" or "gpt2" (reading `dir`); anything else is a UserError naming `key`.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& kind, const std::string& dir,

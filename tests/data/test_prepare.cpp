@@ -67,6 +67,14 @@ TEST_CASE("prepare with the byte tokenizer: shards hold the bytes, split and siz
   REQUIRE(train_sizes.size() == (train.size() + 299) / 300);
   for (size_t i = 0; i + 1 < train_sizes.size(); i++) REQUIRE(train_sizes[i] == 300);
   REQUIRE(train_sizes.back() == int64_t(train.size() - 300 * (train_sizes.size() - 1)));
+  // nothing else is left in the directory (the temporary token spool is removed)
+  size_t files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(opts.output_dir)) {
+    INFO(e.path().string());
+    REQUIRE(e.path().filename().string().rfind("tiny_", 0) == 0);
+    ++files;
+  }
+  REQUIRE(files == train_sizes.size() + val_sizes.size());
 
   // The DataLoader reads them through a glob.
   DataConfig cfg;
@@ -136,7 +144,7 @@ TEST_CASE("prepare: input errors name the file or option", "[prepare]") {
   SECTION("a missing input") {
     opts.inputs.push_back(dir.file("missing.txt"));
     REQUIRE_THROWS_WITH(run_prepare(opts), Contains(dir.file("missing.txt")) && Contains("not found"));
-    REQUIRE_FALSE(std::filesystem::exists(dir.file("out/data_train_000000.bin")));  // nothing written
+    REQUIRE_FALSE(std::filesystem::exists(dir.file("out")));  // checked before anything is created
   }
   SECTION("an input that is a directory") {
     opts.inputs = {dir.path()};
@@ -168,5 +176,7 @@ TEST_CASE("prepare: input errors name the file or option", "[prepare]") {
     opts.inputs = {dir.file("one.txt")};
     opts.val_fraction = 0.9;  // llround(0.9) = 1 token of 1 goes to val
     REQUIRE_THROWS_WITH(run_prepare(opts), Contains("none left for training"));
+    // the token spool is gone, and no shard was written
+    REQUIRE(std::filesystem::is_empty(dir.file("out")));
   }
 }
