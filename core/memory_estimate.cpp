@@ -16,8 +16,11 @@
 //                          shards) + 4 bufs·blk               the model has none, master_weights)
 //   bf16 compute copy      -                                  2 held + 2 Z + 2 bufs·blk (the
 //                                                             gathered layers in bf16)
-//   gradients              4 rest + 4 Z + 4 blk (the model's rest, the shards, one layer buffer),
+//   gradients              4 rest + 4 Z + 4 gbufs·blk (the model's rest, the shards, the layer
+//                          gradient buffers: gbufs = 2 with runtime.overlap_comm on CUDA, else 1),
 //                          fp32 in both columns
+// runtime.overlap_comm allocates nothing else: at ZeRO 0 / 1 the per-layer all-reduces are in
+// place in the model's gradient buffer, and stage 3 has its two layer buffers either way.
 //   optimizer m, v         8 Z                                8 Z
 //   activations            GPT::activation_layout(device): fp32 on the CPU; on CUDA bf16 except
 //                          the LayerNorm / softmax statistics and the losses (fp32)
@@ -79,9 +82,11 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
     const double Z = double(s.L) * double(lay.shard) + double(lay.rest_shard), blk = double(lay.block());
     const double rest = double(lay.rest_padded()), held = zero_stage == 3 ? rest : n_pad;
     const double bufs = zero_stage == 3 ? 2 : 1;
+    // runtime.overlap_comm (CUDA only): the layers alternate between two gradient buffers
+    const double grad_bufs = cfg.runtime.overlap_comm && !cpu ? 2 : 1;
     add("parameters (fp32; the master weights on CUDA)", cpu ? 4 * held + 4 * Z + 4 * bufs * blk : 4 * Z);
     add("bf16 compute copy of the parameters (CUDA)", cpu ? 0 : 2 * held + 2 * Z + 2 * bufs * blk);
-    add("gradients (fp32: the rest, shards, one layer)", 4 * rest + 4 * Z + 4 * blk);
+    add("gradients (fp32: the rest, shards, layer buffers)", 4 * rest + 4 * Z + 4 * grad_bufs * blk);
     add("optimizer m, v (fp32)", 8 * Z);
   }
   // activations: the model's own layout for rank 0 of the sequence group
@@ -172,9 +177,10 @@ int run_estimate(const Config& cfg, const MpiRuntime& mpi, const EstimateOptions
   const GPTShape s = GPTShape::from(cfg.model);
   std::string out;
   out += fmt::format("memory per rank: {} layers, {} wide, {} heads, {:.3f}B parameters; N = {}, B = {}, P = {}, "
-                     "{} ranks (DP {}); recompute {}{}, ZeRO {}, tile_tokens {}\n",
+                     "{} ranks (DP {}); recompute {}{}, ZeRO {}{}, tile_tokens {}\n",
                      s.L, s.C, s.Hq, double(num_parameters(s)) / 1e9, N, cfg.train.micro_batch_size, P, W, W / P,
-                     cfg.runtime.recompute, offload ? " + offloaded checkpoints" : "", Z, cfg.runtime.tile_tokens);
+                     cfg.runtime.recompute, offload ? " + offloaded checkpoints" : "", Z,
+                     cfg.runtime.overlap_comm ? " + overlap_comm" : "", cfg.runtime.tile_tokens);
   const MemoryEstimate cpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cpu_fp32, offload);
   const MemoryEstimate gpu = estimate_memory(cfg, W, P, N, rc, Z, MemoryLayout::cuda_bf16, offload);
   out += fmt::format("  {:<58} {:>14} {:>14}\n", "item", "CPU fp32 GiB", "CUDA bf16 GiB");

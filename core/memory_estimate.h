@@ -35,6 +35,8 @@ struct MemoryEstimate {
 
 // One rank of a world of `world_size` ranks with sequence parallelism P (real or emulated) on
 // sequence length N (train.seq_len is ignored), under `recompute` and ZeRO `zero_stage`.
+// cfg.runtime.overlap_comm counts the second layer gradient buffer of ZeRO 2 / 3 (core/zero3.h)
+// in the CUDA layout's gradients item (the CPU layout cannot overlap).
 // offload_checkpoints (runtime.offload = checkpoints, full recompute, CUDA layout only: ignored
 // for the CPU layout, which cannot offload): the per-layer outputs leave the per-layer row for
 // an extra item, "checkpoint slots on the device", of min(L, 3) x [B*N/P, C], and their

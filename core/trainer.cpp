@@ -217,6 +217,11 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     layer_zero.emplace(cfg.train, model, zero_stage, world, &host, cfg.runtime.overlap_comm);
   else
     optimizer.emplace(cfg.train, model.shape(), zero_stage, world, device, &host);
+  // ZeRO 0 / 1 with runtime.overlap_comm (cuda; config checks): each layer's gradients are
+  // all-reduced during the step's last backward, on a comm stream (core/zero.h). Declared after
+  // the model, so destroyed before it: its destructor waits for its stream, uninstalls its hooks.
+  std::optional<OverlappedGradientAllReduce> overlapped;
+  if (!per_layer && cfg.runtime.overlap_comm) overlapped.emplace(model, world);
   const GPTShape shape = model.shape();
   const int64_t n_params = num_parameters(shape);
   // ZeRO 2 and 3: the whole parameters on rank 0, gathered from / scattered to the shards
@@ -390,6 +395,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       for (int k = 0; k < accum; ++k) {
         train_data.next(tok.data(), tgt.data(), pos.data());
         int64_t count = 0;
+        if (overlapped) overlapped->set_last_micro_batch(k == accum - 1);  // only its backward reduces
         sums[0] += model.forward_backward(tok.data(), tgt.data(), pos.data(), &count);  // reads the loss: waits
         sums[1] += double(count);
       }
@@ -409,7 +415,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     {
       WatchedRegion region(watchdog, watch_regions, "gradient reduction (NCCL)", world.name().c_str());
       grad_squares = per_layer ? layer_zero->reduce_gradients()
-                               : optimizer->reduce_gradients(ctx, model.grads_padded());  // the norm's read waits
+                               : optimizer->reduce_gradients(ctx, model.grads_padded(),
+                                                             overlapped ? &*overlapped : nullptr);  // the norm's read waits
     }
     host.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
     const double tokens = std::max(1.0, sums[1]);

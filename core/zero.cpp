@@ -5,6 +5,11 @@
 #include <cstring>
 
 #include "core/error.h"
+#ifdef ULYSSES_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
 
@@ -49,11 +54,15 @@ ZeroAdamW::ZeroAdamW(const TrainConfig& cfg, const GPTShape& shape, int stage, C
   if (stage == 2) grad_shard_ = arena_.tensor(g_off, {shard_size_}, DType::f32);
 }
 
-double ZeroAdamW::reduce_gradients(ops::Context& ctx, Tensor grads_padded) {
+double ZeroAdamW::reduce_gradients(ops::Context& ctx, Tensor grads_padded, OverlappedGradientAllReduce* overlapped) {
   ULYSSES_ASSERT(grads_padded.numel() == n_padded_, "gradients of {} elements, expected the padded {}",
                  grads_padded.numel(), n_padded_);
+  ULYSSES_ASSERT(!overlapped || stage_ < 2, "the overlapped all-reduce is for ZeRO 0 and 1, not {}", stage_);
   if (stage_ < 2) {
-    world_.all_reduce(grads_padded.data, grads_padded.data, size_t(n_padded_), DType::f32, ReduceOp::sum);
+    if (overlapped)
+      overlapped->finish();  // the layers were summed during backward: the rest, then a join
+    else
+      world_.all_reduce(grads_padded.data, grads_padded.data, size_t(n_padded_), DType::f32, ReduceOp::sum);
     return ops::sum_squares(ctx, grads_padded);  // the padding is 0
   }
   // [W · S] -> this rank's summed shard [S]
@@ -121,6 +130,125 @@ void ZeroAdamW::scatter_state(ops::Context& ctx, const float* m, const float* v)
     ops::copy(ctx, k == 0 ? m_ : v_, host_tensor(whole.data() + shard_begin_, shard_size_));
     ops::synchronize(ctx);  // `whole` is reused for v
   }
+}
+
+// ---- ZeRO 0 / 1 with runtime.overlap_comm (see core/zero.h) ------------------------------------
+
+// The comm stream and its two events, created once; the step only records and waits.
+struct OverlappedGradientAllReduce::Streams {
+#ifdef ULYSSES_CUDA
+  cudaStream_t model = nullptr;      // the model context's stream (not owned)
+  cudaStream_t comm = nullptr;       // owned
+  cudaEvent_t model_mark = nullptr;  // model -> comm, re-recorded before each layer's all-reduces
+  cudaEvent_t comm_mark = nullptr;   // comm -> model, everything on comm so far (finish)
+  bool host_wait = false;            // staged MPI: wait for comm after each layer's all-reduces
+
+  Streams(void* model_stream, bool staged) : model(static_cast<cudaStream_t>(model_stream)), host_wait(staged) {
+    try {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&model_mark, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventCreateWithFlags(&comm_mark, cudaEventDisableTiming));
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Streams() { release(); }
+  Streams(const Streams&) = delete;
+  Streams& operator=(const Streams&) = delete;
+
+  // not checked: called from the destructor and on the constructor's error path
+  void release() {
+    if (comm) cudaStreamSynchronize(comm);  // all-reduces in flight write the model's gradients
+    if (comm_mark) cudaEventDestroy(comm_mark);
+    if (model_mark) cudaEventDestroy(model_mark);
+    if (comm) cudaStreamDestroy(comm);
+    comm = nullptr;
+  }
+#else
+  Streams(void*, bool) { throw std::runtime_error("runtime.overlap_comm: ulysses was built without CUDA"); }
+#endif
+};
+
+OverlappedGradientAllReduce::OverlappedGradientAllReduce(GPT& model, Communicator& world)
+    : model_(model), world_(world) {
+  ULYSSES_ASSERT(model.device() == Device::cuda,
+                 "runtime.overlap_comm needs runtime.device cuda (a second CUDA stream; config checks it)");
+  const GPTRunShape& run = model.run_shape();
+  ULYSSES_ASSERT(!run.sharded_layer_grads && !run.sharded_layer_params,
+                 "the overlapped all-reduce is for ZeRO 0 and 1: the model must hold its layer gradients");
+  const std::vector<ParameterSpec> specs = parameter_specs(model.shape());
+  for (int i = 0; i < kFirstLayerTensor + kNumLayerTensors; ++i) {
+    if (i == kFirstLayerTensor) layers_begin_ = layers_end_;
+    layers_end_ += specs[size_t(i)].numel();
+  }
+  ULYSSES_ASSERT(model.grads_padded().dtype == DType::f32 && model.grads_padded().numel() >= layers_end_,
+                 "the model's gradient buffer {} does not hold the {} elements up to lnfw in fp32",
+                 model.grads_padded().describe(), layers_end_);
+  streams_ = std::make_unique<Streams>(model.context().stream(), /*staged=*/world.backend() != CommBackend::nccl);
+  model_.set_layer_hooks(this);
+}
+
+OverlappedGradientAllReduce::~OverlappedGradientAllReduce() { model_.set_layer_hooks(nullptr); }
+
+void OverlappedGradientAllReduce::after_backward(int l) {
+  if (!last_micro_batch_) return;  // earlier micro-batches only accumulate
+  // layer l's slice of each of the 12 stacked fp32 gradient tensors [L, ...] -> [...], in place
+  const LayerTensors g = model_.layer_grads(l);
+#ifdef ULYSSES_CUDA
+  Streams& s = *streams_;
+  // the comm stream starts after layer l's backward kernels (enqueued: this hook follows them)
+  CUDA_CHECK(cudaEventRecord(s.model_mark, s.model));
+  CUDA_CHECK(cudaStreamWaitEvent(s.comm, s.model_mark, 0));
+  world_.set_stream(s.comm);
+  try {
+    for (const Tensor& t : g.t)
+      if (t.numel() > 0) world_.all_reduce(t.data, t.data, size_t(t.numel()), DType::f32, ReduceOp::sum);
+  } catch (...) {
+    world_.set_stream(s.model);
+    throw;
+  }
+  world_.set_stream(s.model);
+  // staged MPI: the last result's host-to-device copy (on comm) reads the communicator's pinned
+  // buffer, which the next collective on either stream refills: wait for it (the collectives
+  // blocked the host already; this costs one short copy, not the overlap)
+  if (s.host_wait) CUDA_CHECK(cudaStreamSynchronize(s.comm));
+#else
+  (void)g;
+#endif
+  ++layers_reduced_;
+}
+
+void OverlappedGradientAllReduce::finish() {
+  ULYSSES_ASSERT(layers_reduced_ == model_.shape().L,
+                 "overlapped all-reduce: {} of {} layers were reduced in the last backward (was "
+                 "set_last_micro_batch(true) called before the step's last micro-batch?)",
+                 layers_reduced_, model_.shape().L);
+  layers_reduced_ = 0;
+  last_micro_batch_ = false;
+#ifdef ULYSSES_CUDA
+  Streams& s = *streams_;
+  // the model stream waits for every layer's all-reduce (the norm reads them)
+  CUDA_CHECK(cudaEventRecord(s.comm_mark, s.comm));
+  CUDA_CHECK(cudaStreamWaitEvent(s.model, s.comm_mark, 0));
+#endif
+  // the rest on the model stream, after embedding_backward (and any write between the micro-batches
+  // and here): [0, ln1w) = wte, wpe; [lnfw, n_padded) = lnfw, lnfb and the zero padding
+  const Tensor grads = model_.grads_padded();
+  const int64_t n_padded = grads.numel();
+  const Tensor rest[2] = {grads.rows(0, layers_begin_), grads.rows(layers_end_, n_padded - layers_end_)};
+  for (const Tensor& t : rest)
+    if (t.numel() > 0) world_.all_reduce(t.data, t.data, size_t(t.numel()), DType::f32, ReduceOp::sum);
+}
+
+LayerTensors OverlappedGradientAllReduce::layer_params(int l) {
+  ULYSSES_ASSERT(false, "layer {}'s parameters asked of the overlapped all-reduce (the model holds them)", l);
+  return {};
+}
+
+LayerTensors OverlappedGradientAllReduce::layer_grads(int l) {
+  ULYSSES_ASSERT(false, "layer {}'s gradients asked of the overlapped all-reduce (the model holds them)", l);
+  return {};
 }
 
 }  // namespace ulysses

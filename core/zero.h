@@ -25,8 +25,14 @@
 // over the buffer). Gathering the master weights rather than only the bf16 copy keeps every rank's
 // master weights whole, as on the CPU, so checkpoints, llm.c export and the sampler read them
 // on any rank without another collective; the cast costs one pass over 6 bytes per parameter.
+//
+// runtime.overlap_comm at stages 0 and 1 (cuda only): OverlappedGradientAllReduce below, as the
+// model's LayerHooks, all-reduces each layer's gradients on a communication stream while the
+// layers below it run their backward, in the last micro-batch of a step only; reduce_gradients
+// then all-reduces what is left (wte, wpe, lnfw, lnfb, the padding) and the norm follows as without.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -36,6 +42,8 @@
 #include "kernels/ops.h"
 
 namespace ulysses {
+
+class OverlappedGradientAllReduce;
 
 class ZeroAdamW {
  public:
@@ -54,7 +62,9 @@ class ZeroAdamW {
   // Sums this rank's gradients (grads_padded: [n_padded], this rank's sum over its tokens) over
   // the world and returns the squared L2 norm of the summed gradient (identical on every rank).
   // Stages 0, 1: grads_padded holds the sum afterwards; stage 2: only the shard does (internal).
-  double reduce_gradients(ops::Context& ctx, Tensor grads_padded);
+  // overlapped (stages 0, 1; runtime.overlap_comm): the layers were all-reduced during the last
+  // backward by these hooks; only the rest is left (OverlappedGradientAllReduce::finish).
+  double reduce_gradients(ops::Context& ctx, Tensor grads_padded, OverlappedGradientAllReduce* overlapped = nullptr);
 
   // AdamW on this rank's shard (everything at stage 0), then (stages 1, 2) the parameters are
   // all-gathered. grad_scale and t as AdamW::update. compute_padded: the model's compute copy
@@ -83,6 +93,65 @@ class ZeroAdamW {
   int64_t n_ = 0, n_padded_ = 0, shard_begin_ = 0, shard_size_ = 0;
   Arena arena_;
   Tensor m_, v_, grad_shard_;  // grad_shard_: stage 2 only
+};
+
+// ZeRO 0 / 1 with runtime.overlap_comm (cuda only): the gradient all-reduce, layer by layer, on a
+// communication stream of its own, overlapped with the backward of the layers below.
+//
+// What. In the LAST micro-batch of a step only (earlier ones only accumulate; set_last_micro_batch
+// says which), after_backward(l) all-reduces (sum, in place) layer l's 12 gradient slices
+// (GPT::layer_grads(l): one contiguous [numel / L] piece of each stacked fp32 tensor in the
+// model's flat buffer). Nothing writes them again in that backward: the LM head writes wte's
+// gradient and the final LayerNorm lnfw / lnfb's before the layers, embedding_backward writes
+// wte / wpe after them, and layer l - 1 writes only its own slices. finish() (called by
+// ZeroAdamW::reduce_gradients) all-reduces the rest of the flat buffer on the model stream: the
+// two ranges [0, ln1w) = wte, wpe and [lnfw, n_padded) = lnfw, lnfb, zero padding. Every element
+// of the buffer is then summed over the world exactly once, as the whole-buffer all-reduce does
+// (with 2 ranks bitwise the same: a sum of two is commutative). No memory beyond the model's.
+//
+// Streams and events, created once in the constructor (no allocation, no host wait in the step):
+//   model -> comm: after_backward(l) records model_mark on the model stream (it follows every
+//     kernel of layer l's backward, already enqueued) and the comm stream waits on it; then the
+//     world communicator is switched to the comm stream for the 12 all-reduces and back to the
+//     model stream right after (as LayerShardedZero does, core/zero3.h "Streams"), so every other
+//     collective on it (the rest here, ZeRO 1's all-gather) stays on the model stream.
+//   comm -> model: finish() first makes the model stream wait for everything on the comm stream
+//     (comm_mark), then all-reduces the rest on the model stream; sum_squares and the update come
+//     after on the model stream and see the whole summed buffer. The next step's zero_grad is on
+//     the model stream too, after that wait.
+//   staged MPI (every collective blocks the host; its pinned buffers are shared by both streams):
+//     after each comm-stream all-reduce the host waits for the comm stream (its host-to-device
+//     copy of the result), as LayerShardedZero does: correct, no overlap. NCCL overlaps.
+class OverlappedGradientAllReduce : public LayerHooks {
+ public:
+  // Installs itself as the model's LayerHooks (stages 0 / 1 have no other). model: on cuda, not
+  // built with sharded layers; world: all ranks, a device communicator whose stream is the model's.
+  OverlappedGradientAllReduce(GPT& model, Communicator& world);
+  ~OverlappedGradientAllReduce() override;  // waits for the comm stream, uninstalls
+  OverlappedGradientAllReduce(const OverlappedGradientAllReduce&) = delete;
+  OverlappedGradientAllReduce& operator=(const OverlappedGradientAllReduce&) = delete;
+
+  // before each micro-batch's forward_backward: true for the step's last (the one to reduce)
+  void set_last_micro_batch(bool last) { last_micro_batch_ = last; }
+  // after the micro-batches: the rest all-reduced, the model stream after the comm stream; the
+  // model's grads_padded() then holds the sum over the world. Checks that every layer was reduced.
+  void finish();
+
+  // LayerHooks
+  void before_forward(int) override {}
+  void before_backward(int) override {}
+  void after_backward(int l) override;
+  LayerTensors layer_params(int l) override;  // never asked (the model holds its layers)
+  LayerTensors layer_grads(int l) override;
+
+ private:
+  GPT& model_;
+  Communicator& world_;
+  int64_t layers_begin_ = 0, layers_end_ = 0;  // [ln1w, lnfw) in the flat buffer: the 12 stacked tensors
+  bool last_micro_batch_ = false;
+  int layers_reduced_ = 0;  // in this step's last backward
+  struct Streams;           // the comm stream and its events (core/zero.cpp)
+  std::unique_ptr<Streams> streams_;
 };
 
 }  // namespace ulysses

@@ -14,7 +14,9 @@
 //       loss within kStageTolerance; both also sample (ZeRO 2 on the shared compute copy, ZeRO 3
 //       on a gathered CPU copy); the 4-rank case (c) runs ZeRO 3 too;
 //   (g) what LayerShardedZero and the model allocate on cuda is what `ulysses estimate` says
-//       (its ZeRO 2 / 3 rows, to the byte), on 1 rank and on 4.
+//       (its ZeRO 2 / 3 rows, to the byte, with and without runtime.overlap_comm), on 1 rank and on 4;
+//   (h) runtime.overlap_comm gives bitwise the losses without it: ZeRO 2 and 3 on 1 and 4 ranks,
+//       ZeRO 0 and 1 on 1 rank and on 2 (ranks 0, 1 of the 4-rank job).
 // Tolerances (bf16 weights and activations against fp32): kCpuTolerance = 2e-2 relative on the
 // loss (bf16 rounds to 2^-9 relative per op; over 10 steps the losses of the two typically differ
 // by 1e-3..5e-3); kSpTolerance = 5e-3 (both sides bf16; only the GEMM row counts and the gradient
@@ -149,9 +151,12 @@ std::string metrics_of(const fs::path& dir, const std::string& name) {
 // (g) A model and LayerShardedZero at `stage` on cuda over the ranks of `comm` (staged MPI, every
 // rank on the same GPU): their buffers against the estimate's rows, byte for byte. The rows are
 // 0 parameters (fp32), 1 bf16 compute copy, 2 gradients, 3 optimizer m, v (core/memory_estimate.cpp).
-void check_zero_memory_rows(int stage, MPI_Comm comm) {
+// overlap_comm: LayerShardedZero's second layer gradient buffer (core/zero3.h) against the row.
+void check_zero_memory_rows(int stage, MPI_Comm comm, bool overlap_comm = false) {
   CAPTURE(stage);
+  CAPTURE(overlap_comm);
   Config cfg;
+  cfg.runtime.overlap_comm = overlap_comm;  // what the estimate reads
   cfg.model.n_layer = 3;
   cfg.model.n_embd = 96;  // a shard that does not divide evenly: padding in every row
   cfg.model.n_head = 3;
@@ -167,7 +172,8 @@ void check_zero_memory_rows(int stage, MPI_Comm comm) {
   run.master_weights = false;
   GPT model(cfg.model, run, Device::cuda, nullptr);
   groups.set_stream(model.context().stream());
-  LayerShardedZero zero(cfg.train, model, stage, *groups.world, &groups.host_world());
+  LayerShardedZero zero(cfg.train, model, stage, *groups.world, &groups.host_world(), overlap_comm);
+  REQUIRE(zero.overlap_comm() == overlap_comm);
   const MemoryEstimate e = estimate_memory(cfg, W, 1, 64, Recompute::none, stage, MemoryLayout::cuda_bf16);
   REQUIRE(e.items.size() > 4);
   CHECK(model.params_padded().bytes() == 0);  // no fp32 master in the model
@@ -299,7 +305,8 @@ TEST_CASE("ZeRO 2 and 3 on cuda match the cpu and ZeRO 0, and sample", "[one_ran
 
 TEST_CASE("ZeRO 2 and 3 on cuda allocate what the estimate says (1 rank)", "[one_rank]") {
   // (g)
-  for (int stage : {2, 3}) check_zero_memory_rows(stage, MPI_COMM_SELF);
+  for (int stage : {2, 3})
+    for (bool overlap : {false, true}) check_zero_memory_rows(stage, MPI_COMM_SELF, overlap);
 }
 
 TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 2 and 3) reproduces the 1-rank cuda run",
@@ -311,7 +318,8 @@ TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 2 and 3) reproduces
   const fs::path dir = job_dir("sp4");
   write_text_shards(dir);
   // (g) on 4 ranks: shards with padding
-  for (int stage : {2, 3}) check_zero_memory_rows(stage, MPI_COMM_WORLD);
+  for (int stage : {2, 3})
+    for (bool overlap : {false, true}) check_zero_memory_rows(stage, MPI_COMM_WORLD, overlap);
   // (c) all 4 ranks: SP = 4 (auto picks mpi here, since the ranks share a GPU: forced to be sure),
   // ZeRO 2 and ZeRO 3 (per layer, sharded over the 4 ranks)
   REQUIRE(train(small_config(dir, {"runtime.device=cuda", "parallel.sequence=4", "parallel.backend=mpi",
@@ -355,9 +363,10 @@ TEST_CASE("SP=4 on 4 ranks sharing one GPU (staged MPI, ZeRO 2 and 3) reproduces
 // events give bitwise the losses, gradient norms and validation losses of the one-stream path, at
 // ZeRO 2 and 3, over NCCL (real overlap) and staged MPI (host waits), with 2 micro-batches per
 // step (the shards accumulate across them) and an evaluation (stage 3 gathers outside a step).
+// stages: 2 and 3 by default; 0 and 1 run OverlappedGradientAllReduce (core/zero.h) instead.
 void check_overlap_bitwise(const fs::path& dir, const std::vector<std::string>& extra, MPI_Comm comm,
-                           const std::string& tag) {
-  for (int stage : {2, 3}) {
+                           const std::string& tag, const std::vector<int>& stages = {2, 3}) {
+  for (int stage : stages) {
     CAPTURE(stage);
     CAPTURE(tag);
     std::string name[2];
@@ -404,6 +413,49 @@ TEST_CASE("ZeRO 2 and 3 with runtime.overlap_comm on 4 ranks (SP 2 x DP 2, stage
   check_overlap_bitwise(dir, {"parallel.sequence=2", "parallel.backend=mpi", "train.global_batch_tokens=4096"},
                         MPI_COMM_WORLD, "sp2dp2");
   MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
+// ZeRO 0 and 1 with runtime.overlap_comm (core/zero.h, OverlappedGradientAllReduce): each layer's
+// gradients all-reduced on a comm stream during the last micro-batch's backward, the rest after:
+// every element summed once, as by the whole-buffer all-reduce, so bitwise the losses, norms and
+// validation losses without it (2 micro-batches per step: the first must not reduce).
+TEST_CASE("ZeRO 0 and 1 with runtime.overlap_comm give bitwise the losses without it (1 rank)", "[one_rank]") {
+  const fs::path dir = job_dir("overlap01");
+  write_text_shards(dir);
+  check_overlap_bitwise(dir, {"parallel.backend=nccl", "train.global_batch_tokens=2048"}, MPI_COMM_WORLD, "nccl",
+                        {0, 1});
+  check_overlap_bitwise(dir, {"parallel.backend=mpi", "train.global_batch_tokens=2048"}, MPI_COMM_WORLD, "mpi",
+                        {0, 1});
+  fs::remove_all(dir);
+}
+
+TEST_CASE("ZeRO 0 and 1 with runtime.overlap_comm on 2 ranks (DP 2, staged MPI) are bitwise without it",
+          "[four_ranks]") {
+  if (world_size() != 4) {
+    WARN("needs mpirun -np 4; skipped");
+    return;
+  }
+  const fs::path dir = job_dir("overlap01_dp2");
+  write_text_shards(dir);
+  // ranks 0 and 1 only: with 2 ranks every element's sum is one addition, a + b == b + a, so the
+  // per-layer all-reduces match the whole-buffer one bitwise whatever algorithm MPI picks per
+  // size (with 4 its summation order may differ between sizes). Ranks 2, 3 wait.
+  MPI_Comm pair = MPI_COMM_NULL;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < 2 ? 0 : MPI_UNDEFINED, world_rank(), &pair);
+  int ok = 1;
+  if (pair != MPI_COMM_NULL) {
+    try {  // a failed REQUIRE must still reach the barrier below (Catch has recorded it)
+      // 2 micro-batches: 2 DP ranks x 8 x 128 tokens each
+      check_overlap_bitwise(dir, {"parallel.backend=mpi", "train.global_batch_tokens=4096"}, pair, "dp2", {0, 1});
+    } catch (...) {
+      ok = 0;
+    }
+    MPI_Comm_free(&pair);
+  }
+  int all_ok = 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  CHECK(all_ok == 1);  // every rank fails with ranks 0, 1
   if (world_rank() == 0) fs::remove_all(dir);
 }
 

@@ -153,3 +153,41 @@ TEST_CASE("offloaded checkpoints: device slots replace the per-layer outputs, ho
   run.recompute = Recompute::selective;
   CHECK_THROWS_AS(GPT(cfg.model, run, Device::cpu, &seq), UserError);
 }
+
+TEST_CASE("runtime.overlap_comm: ZeRO 2 and 3 count a second layer gradient buffer on CUDA", "[scale][memory]") {
+  Config cfg;
+  cfg.model.n_layer = 2;
+  cfg.model.n_embd = 64;
+  cfg.model.n_head = 2;
+  cfg.model.vocab_size = 256;
+  cfg.model.max_seq_len = 128;
+  cfg.train.micro_batch_size = 1;
+  const int W = 3, N = 128;
+  // one layer gradient buffer by hand (core/zero3.h, Layout): each of the 12 tensors of a layer
+  // starts at a multiple of 128 elements; the block is split into W shards of a multiple of 128
+  const int64_t C = 64;
+  const int64_t layer_numel[12] = {C, C, 3 * C * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C};
+  auto round_up = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
+  int64_t block = 0;
+  for (int64_t k : layer_numel) block += round_up(k, 128);
+  REQUIRE(block == 50432);  // 6 x 128 (ln1w, ln1b, attprojb, ln2w, ln2b, fcprojb) + 2 x 256 + 49152
+  const int64_t shard = round_up((block + W - 1) / W, 128);
+  CHECK(shard == 16896);  // 16811 rounded up
+  const double layer_grad_bytes = 4.0 * double(W * shard);
+  for (int stage : {0, 1, 2, 3}) {
+    CAPTURE(stage);
+    cfg.runtime.overlap_comm = false;
+    const MemoryEstimate plain = estimate_memory(cfg, W, 1, N, Recompute::none, stage, MemoryLayout::cuda_bf16);
+    const MemoryEstimate plain_cpu = estimate_memory(cfg, W, 1, N, Recompute::none, stage, MemoryLayout::cpu_fp32);
+    cfg.runtime.overlap_comm = true;
+    const MemoryEstimate overlap = estimate_memory(cfg, W, 1, N, Recompute::none, stage, MemoryLayout::cuda_bf16);
+    const MemoryEstimate overlap_cpu = estimate_memory(cfg, W, 1, N, Recompute::none, stage, MemoryLayout::cpu_fp32);
+    REQUIRE(overlap.items.size() == plain.items.size());
+    // only the gradients row (2) changes, by one layer buffer at ZeRO 2 / 3; ZeRO 0 / 1 all-reduce
+    // in place (core/zero.h) and the CPU layout cannot overlap
+    const double extra = stage >= 2 ? layer_grad_bytes : 0;
+    CHECK(overlap.items[2].bytes - plain.items[2].bytes == extra);
+    CHECK(overlap.total() - plain.total() == extra);
+    CHECK(overlap_cpu.total() == plain_cpu.total());
+  }
+}

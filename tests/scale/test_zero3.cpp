@@ -496,3 +496,17 @@ TEST_CASE("ZeRO 3 in run_train: NaN skip, accumulation, llm.c export", "[scale][
   }
   remove_shared_dir(dir);
 }
+
+TEST_CASE("the ZeRO 0 / 1 overlapped all-reduce refuses a cpu model with a clear message", "[scale][zero]") {
+  // runtime.overlap_comm needs a second CUDA stream (config refuses it off cuda; this is the
+  // assertion behind that, core/zero.h OverlappedGradientAllReduce)
+  ModelConfig cfg;
+  cfg.n_layer = 2;
+  cfg.n_embd = 32;
+  cfg.n_head = 2;
+  cfg.max_seq_len = 16;
+  GPT model(cfg, {1, 16, 1, 0}, Device::cpu, nullptr);
+  ProcessGroups groups = make_process_groups(1, CommBackend::mpi);
+  CHECK_THROWS_WITH(OverlappedGradientAllReduce(model, *groups.world),
+                    Catch::Contains("runtime.overlap_comm needs runtime.device cuda"));
+}
