@@ -5,11 +5,6 @@
 #include <cstring>
 
 #include "core/error.h"
-#ifdef ULYSSES_CUDA
-#include <cuda_runtime.h>
-
-#include "kernels/cuda/cuda_check.h"
-#endif
 
 namespace ulysses {
 
@@ -134,42 +129,6 @@ void ZeroAdamW::scatter_state(ops::Context& ctx, const float* m, const float* v)
 
 // ---- ZeRO 0 / 1 with runtime.overlap_comm (see core/zero.h) ------------------------------------
 
-// The comm stream and its two events, created once; the step only records and waits.
-struct OverlappedGradientAllReduce::Streams {
-#ifdef ULYSSES_CUDA
-  cudaStream_t model = nullptr;      // the model context's stream (not owned)
-  cudaStream_t comm = nullptr;       // owned
-  cudaEvent_t model_mark = nullptr;  // model -> comm, re-recorded before each layer's all-reduces
-  cudaEvent_t comm_mark = nullptr;   // comm -> model, everything on comm so far (finish)
-  bool host_wait = false;            // staged MPI: wait for comm after each layer's all-reduces
-
-  Streams(void* model_stream, bool staged) : model(static_cast<cudaStream_t>(model_stream)), host_wait(staged) {
-    try {
-      CUDA_CHECK(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking));
-      CUDA_CHECK(cudaEventCreateWithFlags(&model_mark, cudaEventDisableTiming));
-      CUDA_CHECK(cudaEventCreateWithFlags(&comm_mark, cudaEventDisableTiming));
-    } catch (...) {
-      release();
-      throw;
-    }
-  }
-  ~Streams() { release(); }
-  Streams(const Streams&) = delete;
-  Streams& operator=(const Streams&) = delete;
-
-  // not checked: called from the destructor and on the constructor's error path
-  void release() {
-    if (comm) cudaStreamSynchronize(comm);  // all-reduces in flight write the model's gradients
-    if (comm_mark) cudaEventDestroy(comm_mark);
-    if (model_mark) cudaEventDestroy(model_mark);
-    if (comm) cudaStreamDestroy(comm);
-    comm = nullptr;
-  }
-#else
-  Streams(void*, bool) { throw std::runtime_error("runtime.overlap_comm: ulysses was built without CUDA"); }
-#endif
-};
-
 OverlappedGradientAllReduce::OverlappedGradientAllReduce(GPT& model, Communicator& world)
     : model_(model), world_(world) {
   ULYSSES_ASSERT(model.device() == Device::cuda,
@@ -185,7 +144,8 @@ OverlappedGradientAllReduce::OverlappedGradientAllReduce(GPT& model, Communicato
   ULYSSES_ASSERT(model.grads_padded().dtype == DType::f32 && model.grads_padded().numel() >= layers_end_,
                  "the model's gradient buffer {} does not hold the {} elements up to lnfw in fp32",
                  model.grads_padded().describe(), layers_end_);
-  streams_ = std::make_unique<Streams>(model.context().stream(), /*staged=*/world.backend() != CommBackend::nccl);
+  comm_ = std::make_unique<CommStream>(model.context().stream(), /*events=*/0,
+                                       /*host_wait=*/world.backend() != CommBackend::nccl);
   model_.set_layer_hooks(this);
 }
 
@@ -195,27 +155,11 @@ void OverlappedGradientAllReduce::after_backward(int l) {
   if (!last_micro_batch_) return;  // earlier micro-batches only accumulate
   // layer l's slice of each of the 12 stacked fp32 gradient tensors [L, ...] -> [...], in place
   const LayerTensors g = model_.layer_grads(l);
-#ifdef ULYSSES_CUDA
-  Streams& s = *streams_;
-  // the comm stream starts after layer l's backward kernels (enqueued: this hook follows them)
-  CUDA_CHECK(cudaEventRecord(s.model_mark, s.model));
-  CUDA_CHECK(cudaStreamWaitEvent(s.comm, s.model_mark, 0));
-  world_.set_stream(s.comm);
-  try {
+  // on the comm stream after layer l's backward kernels (enqueued: this hook follows them)
+  comm_->run(world_, /*done=*/-1, [&] {
     for (const Tensor& t : g.t)
       if (t.numel() > 0) world_.all_reduce(t.data, t.data, size_t(t.numel()), DType::f32, ReduceOp::sum);
-  } catch (...) {
-    world_.set_stream(s.model);
-    throw;
-  }
-  world_.set_stream(s.model);
-  // staged MPI: the last result's host-to-device copy (on comm) reads the communicator's pinned
-  // buffer, which the next collective on either stream refills: wait for it (the collectives
-  // blocked the host already; this costs one short copy, not the overlap)
-  if (s.host_wait) CUDA_CHECK(cudaStreamSynchronize(s.comm));
-#else
-  (void)g;
-#endif
+  });
   ++layers_reduced_;
 }
 
@@ -226,12 +170,7 @@ void OverlappedGradientAllReduce::finish() {
                  layers_reduced_, model_.shape().L);
   layers_reduced_ = 0;
   last_micro_batch_ = false;
-#ifdef ULYSSES_CUDA
-  Streams& s = *streams_;
-  // the model stream waits for every layer's all-reduce (the norm reads them)
-  CUDA_CHECK(cudaEventRecord(s.comm_mark, s.comm));
-  CUDA_CHECK(cudaStreamWaitEvent(s.model, s.comm_mark, 0));
-#endif
+  comm_->join();  // the model stream waits for every layer's all-reduce (the norm reads them)
   // the rest on the model stream, after embedding_backward (and any write between the micro-batches
   // and here): [0, ln1w) = wte, wpe; [lnfw, n_padded) = lnfw, lnfb and the zero padding
   const Tensor grads = model_.grads_padded();

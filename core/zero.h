@@ -35,6 +35,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/comm_stream.h"
 #include "comm/communicator.h"
 #include "core/arena.h"
 #include "core/config.h"
@@ -109,14 +110,15 @@ class ZeroAdamW {
 // of the buffer is then summed over the world exactly once, as the whole-buffer all-reduce does
 // (with 2 ranks bitwise the same: a sum of two is commutative). No memory beyond the model's.
 //
-// Streams and events, created once in the constructor (no allocation, no host wait in the step):
-//   model -> comm: after_backward(l) records model_mark on the model stream (it follows every
-//     kernel of layer l's backward, already enqueued) and the comm stream waits on it; then the
-//     world communicator is switched to the comm stream for the 12 all-reduces and back to the
-//     model stream right after (as LayerShardedZero does, core/zero3.h "Streams"), so every other
-//     collective on it (the rest here, ZeRO 1's all-gather) stays on the model stream.
+// Streams (comm/comm_stream.h), created once in the constructor (no allocation, no host wait in
+// the step):
+//   model -> comm: after_backward(l) makes the comm stream follow the model stream (which holds
+//     every kernel of layer l's backward, already enqueued); then the world communicator is
+//     switched to the comm stream for the 12 all-reduces and back to the model stream right after
+//     (as LayerShardedZero does, core/zero3.h "Streams"), so every other collective on it (the
+//     rest here, ZeRO 1's all-gather) stays on the model stream.
 //   comm -> model: finish() first makes the model stream wait for everything on the comm stream
-//     (comm_mark), then all-reduces the rest on the model stream; sum_squares and the update come
+//     (join), then all-reduces the rest on the model stream; sum_squares and the update come
 //     after on the model stream and see the whole summed buffer. The next step's zero_grad is on
 //     the model stream too, after that wait.
 //   staged MPI (every collective blocks the host; its pinned buffers are shared by both streams):
@@ -150,8 +152,7 @@ class OverlappedGradientAllReduce : public LayerHooks {
   int64_t layers_begin_ = 0, layers_end_ = 0;  // [ln1w, lnfw) in the flat buffer: the 12 stacked tensors
   bool last_micro_batch_ = false;
   int layers_reduced_ = 0;  // in this step's last backward
-  struct Streams;           // the comm stream and its events (core/zero.cpp)
-  std::unique_ptr<Streams> streams_;
+  std::unique_ptr<CommStream> comm_;  // destroyed first: waits for the all-reduces in flight
 };
 
 }  // namespace ulysses

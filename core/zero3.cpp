@@ -5,11 +5,6 @@
 #include <cstring>
 
 #include "core/error.h"
-#ifdef ULYSSES_CUDA
-#include <cuda_runtime.h>
-
-#include "kernels/cuda/cuda_check.h"
-#endif
 
 namespace ulysses {
 
@@ -34,84 +29,12 @@ Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>
 
 }  // namespace
 
-// runtime.overlap_comm: the communication stream and its events (see Streams in core/zero3.h).
-// Created once, in the constructor; the step only records and waits.
-struct LayerShardedZero::Overlap {
-#ifdef ULYSSES_CUDA
-  cudaStream_t model = nullptr;             // the model context's stream (not owned)
-  cudaStream_t comm = nullptr;              // owned
-  cudaEvent_t model_mark = nullptr;         // model -> comm, re-recorded before each comm collective
-  cudaEvent_t comm_mark = nullptr;          // comm -> model, everything on comm so far (join)
-  std::array<cudaEvent_t, 2> gathered{};    // comm -> model: the latest gather into layer buffer b
-  std::array<cudaEvent_t, 2> reduced{};     // comm -> model: the latest reduce-scatter of grad buffer b
-  bool host_wait = false;                   // staged MPI: wait for comm after each collective
-
-  Overlap(void* model_stream, bool staged) : model(static_cast<cudaStream_t>(model_stream)), host_wait(staged) {
-    try {
-      CUDA_CHECK(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking));
-      CUDA_CHECK(cudaEventCreateWithFlags(&model_mark, cudaEventDisableTiming));
-      CUDA_CHECK(cudaEventCreateWithFlags(&comm_mark, cudaEventDisableTiming));
-      for (int b = 0; b < 2; ++b) {
-        CUDA_CHECK(cudaEventCreateWithFlags(&gathered[size_t(b)], cudaEventDisableTiming));
-        CUDA_CHECK(cudaEventCreateWithFlags(&reduced[size_t(b)], cudaEventDisableTiming));
-      }
-    } catch (...) {
-      release();
-      throw;
-    }
-  }
-  ~Overlap() { release(); }
-  Overlap(const Overlap&) = delete;
-  Overlap& operator=(const Overlap&) = delete;
-
-  // not checked: called from the destructor and on the constructor's error path
-  void release() {
-    if (comm) cudaStreamSynchronize(comm);  // collectives in flight use the arena's buffers
-    for (cudaEvent_t e : gathered)
-      if (e) cudaEventDestroy(e);
-    for (cudaEvent_t e : reduced)
-      if (e) cudaEventDestroy(e);
-    if (comm_mark) cudaEventDestroy(comm_mark);
-    if (model_mark) cudaEventDestroy(model_mark);
-    if (comm) cudaStreamDestroy(comm);
-    comm = nullptr;
-  }
-
-  // the comm stream starts only after what the model stream has enqueued so far
-  void comm_follows_model() {
-    CUDA_CHECK(cudaEventRecord(model_mark, model));
-    CUDA_CHECK(cudaStreamWaitEvent(comm, model_mark, 0));
-  }
-  // the model stream waits for `done` (recorded on the comm stream)
-  void model_waits(cudaEvent_t done) { CUDA_CHECK(cudaStreamWaitEvent(model, done, 0)); }
-  // the model stream waits for everything enqueued on the comm stream so far
-  void join() {
-    CUDA_CHECK(cudaEventRecord(comm_mark, comm));
-    model_waits(comm_mark);
-  }
-  // run `collective` on `world` with the comm stream (after the model's work so far), record
-  // `done` on the comm stream after it, and put world back on the model stream
-  template <class F>
-  void on_comm_stream(Communicator& world, cudaEvent_t done, F&& collective) {
-    comm_follows_model();
-    world.set_stream(comm);
-    try {
-      collective();
-    } catch (...) {
-      world.set_stream(model);
-      throw;
-    }
-    world.set_stream(model);
-    CUDA_CHECK(cudaEventRecord(done, comm));
-    // staged MPI: the result's host-to-device copy (enqueued on comm) reads the communicator's
-    // pinned buffer, which the next collective on either stream refills: wait for it here. The
-    // collective blocked the host already, so this costs one short copy, not the overlap.
-    if (host_wait) CUDA_CHECK(cudaStreamSynchronize(comm));
-  }
-#else
-  Overlap(void*, bool) { throw std::runtime_error("runtime.overlap_comm: ulysses was built without CUDA"); }
-#endif
-};
+// runtime.overlap_comm: the numbered events of the comm stream (see Streams in core/zero3.h)
+namespace {
+int gathered_event(int l) { return l % 2; }      // comm -> model: the latest gather into layer buffer l % 2
+int reduced_event(int l) { return 2 + l % 2; }   // comm -> model: the latest reduce-scatter of grad buffer l % 2
+constexpr int kOverlapEvents = 4;
+}  // namespace
 
 LayerShardLayout LayerShardLayout::make(const GPTShape& s, int world_size) {
   LayerShardLayout lay;
@@ -196,7 +119,7 @@ LayerShardedZero::LayerShardedZero(const TrainConfig& cfg, GPT& model, int stage
   for (int b = 0; b < grad_buffers; ++b) layer_grad_[size_t(b)] = arena_.tensor(o_lgrad[b], {lay_.block()}, DType::f32);
   if (overlap_comm) {
     ULYSSES_ASSERT(model.device() == Device::cuda, "runtime.overlap_comm needs runtime.device cuda (config checks it)");
-    overlap_ = std::make_unique<Overlap>(ctx_.stream(), /*staged=*/world.backend() != CommBackend::nccl);
+    overlap_ = std::make_unique<CommStream>(ctx_.stream(), kOverlapEvents, /*host_wait=*/world.backend() != CommBackend::nccl);
   }
   model_.set_layer_hooks(this);
 }
@@ -243,16 +166,13 @@ void LayerShardedZero::gather_layer(int l) {
   if (held == l) return;  // still there: the parameters change only in update()
   // [S] of every rank -> layer l's block [W·S] in the compute dtype
   auto gather = [&] { world_.all_gather(row(compute_, l).data, buf.data, size_t(lay_.shard), param_dtype_); };
-#ifdef ULYSSES_CUDA
   if (overlap_) {
     // on the comm stream after every kernel enqueued so far (the last reader of this buffer is
-    // the layer before the running one, already enqueued); gathered[l % 2] marks it done
-    overlap_->on_comm_stream(world_, overlap_->gathered[size_t(l % 2)], gather);
-    held = l;
-    return;
+    // the layer before the running one, already enqueued); gathered_event(l) marks it done
+    overlap_->run(world_, gathered_event(l), gather);
+  } else {
+    gather();
   }
-#endif
-  gather();
   held = l;
 }
 
@@ -270,12 +190,10 @@ void LayerShardedZero::before_backward(int l) {
     if (l > 0) gather_layer(l - 1);
   }
   Tensor& grad = grad_buffer(l);
-#ifdef ULYSSES_CUDA
   // overlap_comm: this buffer's last reader is layer l + 2's reduce-scatter (or, at the top, one
   // of the previous micro-batch); the comm stream is in order, so this also covers the
   // reduce-scatter that last wrote gradient shard l, read just below
-  if (overlap_) overlap_->model_waits(overlap_->reduced[size_t(l % 2)]);
-#endif
+  if (overlap_) overlap_->model_waits(reduced_event(l));
   // the model's backward accumulates into the layer gradient buffer [W·S]: zero, except this
   // rank's own slot, which starts as its gradient shard l so far (the reduce-scatter then sums it in)
   ops::fill_zero(ctx_, grad);
@@ -291,29 +209,22 @@ void LayerShardedZero::after_backward(int l) {
   auto reduce = [&] {
     world_.reduce_scatter(grad.data, row(grad_shard_, l).data, size_t(lay_.shard), DType::f32, ReduceOp::sum);
   };
-#ifdef ULYSSES_CUDA
   if (overlap_) {
     // on the comm stream after layer l's backward kernels (enqueued: this hook follows them);
     // the model stream goes on with layer l - 1 in the other buffer
-    overlap_->on_comm_stream(world_, overlap_->reduced[size_t(l % 2)], reduce);
-    grad_layer_ = -1;
-    return;
+    overlap_->run(world_, reduced_event(l), reduce);
+  } else {
+    reduce();
   }
-#endif
-  reduce();
   grad_layer_ = -1;
 }
 
-void LayerShardedZero::wait_gathered([[maybe_unused]] int l) {
-#ifdef ULYSSES_CUDA
-  if (overlap_) overlap_->model_waits(overlap_->gathered[size_t(l % 2)]);  // a no-op when long done
-#endif
+void LayerShardedZero::wait_gathered(int l) {
+  if (overlap_) overlap_->model_waits(gathered_event(l));  // a no-op when long done
 }
 
 void LayerShardedZero::join_comm() {
-#ifdef ULYSSES_CUDA
   if (overlap_) overlap_->join();
-#endif
 }
 
 LayerTensors LayerShardedZero::layer_params(int l) {

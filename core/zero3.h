@@ -49,9 +49,10 @@
 // after layer l's kernels, not beside them, and backward waits for each layer's reduce-scatter.
 //
 // overlap_comm (cuda only): the per-layer collectives run on a communication stream owned here
-// (created once, with its events). world_ is switched to it (set_stream) for the duration of each
-// per-layer collective and back to the model stream right after, so every other collective
-// (reduce_gradients, publish, the Ulysses all-to-alls on their own communicator) is unchanged.
+// (comm/comm_stream.h; created once, with its events). world_ is switched to it (set_stream) for
+// the duration of each per-layer collective and back to the model stream right after, so every
+// other collective (reduce_gradients, publish, the Ulysses all-to-alls on their own
+// communicator) is unchanged.
 // Ordering, all by events (no host wait; nothing allocated in the step):
 //   model -> comm: before each collective on the comm stream, an event recorded on the model
 //     stream at that moment, which the comm stream waits on. The hooks run between layers, so
@@ -82,6 +83,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/comm_stream.h"
 #include "comm/communicator.h"
 #include "core/arena.h"
 #include "core/config.h"
@@ -193,11 +195,10 @@ class LayerShardedZero : public LayerHooks {
   std::array<int, 2> resident_ = {-1, -1};                // layer held by each buffer
   std::array<Tensor, 2> layer_grad_;                      // [W·S] fp32 (one without overlap_comm)
   int grad_layer_ = -1;                                   // layer whose backward is running
-  // overlap_comm: the comm stream and its events (core/zero3.cpp); null without. Declared after
-  // arena_, so it is destroyed first: its destructor waits for the comm stream, which may still
-  // be reading or writing the arena.
-  struct Overlap;
-  std::unique_ptr<Overlap> overlap_;
+  // overlap_comm: the comm stream and its events (comm/comm_stream.h); null without. Declared
+  // after arena_, so it is destroyed first: its destructor waits for the comm stream, which may
+  // still be reading or writing the arena.
+  std::unique_ptr<CommStream> overlap_;
 };
 
 }  // namespace ulysses
