@@ -630,37 +630,79 @@ DType layout_dtype(const CudaCall& c, const Tensor& dst, const Tensor& src) {
 #endif
 }  // namespace
 
-void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P) {
+namespace {
+// b in [b_begin, b_end), t in [t_begin, t_end): the token rows a pack / unpack call moves
+struct RowBox {
+  int b_begin, b_end, t_begin, t_end;
+};
+
+RowBox row_box(const char* op, int B, int T, const TokenRows* rows) {
+  if (!rows) return {0, B, 0, T};
+  ULYSSES_ASSERT(rows->b >= 0 && rows->b < B && rows->t_begin >= 0 && rows->t_count >= 0 &&
+                     rows->t_begin + rows->t_count <= T,
+                 "{}: rows b = {}, t [{}, {}) outside [B = {}, T = {}]", op, rows->b, rows->t_begin,
+                 rows->t_begin + rows->t_count, B, T);
+  return {rows->b, rows->b + 1, rows->t_begin, rows->t_begin + rows->t_count};
+}
+
+void pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P,
+                const TokenRows* rows) {
   ULYSSES_ASSERT(src.ndim == 4, "ulysses_pack_heads: src {}", src.describe());
   const int B = int(src.shape[0]), T = int(src.shape[1]), Htot = int(src.shape[2]), d = int(src.shape[3]);
+  const RowBox r = row_box("ulysses_pack_heads", B, T, rows);
 #ifdef ULYSSES_CUDA
   if (ctx.device == Device::cuda) {
     const CudaCall c(ctx, "ulysses_pack_heads");
     const DType dt = layout_dtype(c, dst, src);
-    cuda::ulysses_pack_heads(dst.data, src.data, dt, heads, head_offsets, P, B, T, Htot, d, c.stream);
+    cuda::ulysses_pack_heads(dst.data, src.data, dt, heads, head_offsets, P, B, T, Htot, d, r.b_begin, r.b_end,
+                             r.t_begin, r.t_end, c.stream);
     return;
   }
 #endif
   expect_cpu(ctx, "ulysses_pack_heads");
   ULYSSES_ASSERT(dst.numel() >= int64_t(B) * T * d * head_offsets[P], "ulysses_pack_heads: dst {}", dst.describe());
-  cpu::ulysses_pack_heads(mf(dst), cf(src), heads, head_offsets, P, B, T, Htot, d);
+  cpu::ulysses_pack_heads(mf(dst), cf(src), heads, head_offsets, P, B, T, Htot, d, r.b_begin, r.b_end, r.t_begin,
+                          r.t_end);
 }
 
-void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
-                          int P, bool accumulate) {
+void unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P,
+                  bool accumulate, const TokenRows* rows) {
   ULYSSES_ASSERT(dst.ndim == 4, "ulysses_unpack_heads: dst {}", dst.describe());
   const int B = int(dst.shape[0]), T = int(dst.shape[1]), Htot = int(dst.shape[2]), d = int(dst.shape[3]);
+  const RowBox r = row_box("ulysses_unpack_heads", B, T, rows);
 #ifdef ULYSSES_CUDA
   if (ctx.device == Device::cuda) {
     const CudaCall c(ctx, "ulysses_unpack_heads");
     const DType dt = layout_dtype(c, dst, src);
-    cuda::ulysses_unpack_heads(dst.data, src.data, dt, heads, head_offsets, P, B, T, Htot, d, accumulate, c.stream);
+    cuda::ulysses_unpack_heads(dst.data, src.data, dt, heads, head_offsets, P, B, T, Htot, d, accumulate, r.b_begin,
+                               r.b_end, r.t_begin, r.t_end, c.stream);
     return;
   }
 #endif
   expect_cpu(ctx, "ulysses_unpack_heads");
   ULYSSES_ASSERT(src.numel() >= int64_t(B) * T * d * head_offsets[P], "ulysses_unpack_heads: src {}", src.describe());
-  cpu::ulysses_unpack_heads(mf(dst), cf(src), heads, head_offsets, P, B, T, Htot, d, accumulate);
+  cpu::ulysses_unpack_heads(mf(dst), cf(src), heads, head_offsets, P, B, T, Htot, d, accumulate, r.b_begin, r.b_end,
+                            r.t_begin, r.t_end);
+}
+}  // namespace
+
+void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P) {
+  pack_heads(ctx, dst, src, heads, head_offsets, P, nullptr);
+}
+
+void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P,
+                        TokenRows rows) {
+  pack_heads(ctx, dst, src, heads, head_offsets, P, &rows);
+}
+
+void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
+                          int P, bool accumulate) {
+  unpack_heads(ctx, dst, src, heads, head_offsets, P, accumulate, nullptr);
+}
+
+void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
+                          int P, bool accumulate, TokenRows rows) {
+  unpack_heads(ctx, dst, src, heads, head_offsets, P, accumulate, &rows);
 }
 
 void ulysses_pack_sequence(Context& ctx, Tensor dst, Tensor src, int P) {

@@ -110,6 +110,17 @@ void fill_zero(Context& ctx, Tensor x);      // memset 0 on the tensor's device
 void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P);
 void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
                           int P, bool accumulate);
+// The same on some token rows only: rows [t_begin, t_begin + t_count) of batch row b of the
+// [B, T, Htot, d] tensor, moved to / from exactly the places the whole call uses (the rest of
+// dst is left as it is). A set of calls whose rows cover every (b, t) once equals one whole call,
+// bitwise. The chunked all-to-alls (comm/ulysses.h) pack and unpack one chunk at a time.
+struct TokenRows {
+  int b = 0, t_begin = 0, t_count = 0;
+};
+void ulysses_pack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets, int P,
+                        TokenRows rows);
+void ulysses_unpack_heads(Context& ctx, Tensor dst, Tensor src, const int32_t* heads, const int64_t* head_offsets,
+                          int P, bool accumulate, TokenRows rows);
 void ulysses_pack_sequence(Context& ctx, Tensor dst, Tensor src, int P);
 void ulysses_unpack_sequence(Context& ctx, Tensor dst, Tensor src, int P);
 

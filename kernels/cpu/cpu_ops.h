@@ -104,15 +104,20 @@ double sum_squares(const float* x, int64_t n);
 namespace ulysses::cpu {
 
 // Gather heads per peer: src [B, T, Htot, d] -> dst = P blocks one after another, block p is
-// [B, T, n_p, d] with the heads heads[head_offsets[p] + j], j < n_p.
+// [B, T, n_p, d] with the heads heads[head_offsets[p] + j], j < n_p. Only the token rows
+// b in [b_begin, b_end), t in [t_begin, t_end) are moved (the rest of dst is left as it is), in
+// the same places as a whole call (0, B, 0, T) puts them: the chunked all-to-alls pack and unpack
+// one chunk of rows at a time.
 void ulysses_pack_heads(float* dst, const float* src, const int32_t* heads,
-                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d);
+                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d, int b_begin,
+                        int b_end, int t_begin, int t_end);
 // The reverse: P blocks as above -> dst [B, T, Htot, d]. With accumulate, dst[.., heads[j], ..]
 // += block values (a head listed for several peers sums their contributions: the backward of a
 // replicated key/value head); without, it is assigned (each head must then be listed once).
+// Rows b in [b_begin, b_end), t in [t_begin, t_end) only, as for pack.
 void ulysses_unpack_heads(float* dst, const float* src, const int32_t* heads,
                           const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
-                          bool accumulate);
+                          bool accumulate, int b_begin, int b_end, int t_begin, int t_end);
 // Split the sequence: src [B, P*T, h, d] -> P blocks, block s = [B, T, h, d] holding tokens
 // [s*T, (s+1)*T).
 void ulysses_pack_sequence(float* dst, const float* src, int P, int B, int T, int h, int d);

@@ -163,15 +163,17 @@ void cast_bf16_to_f32(float* out, const bf16* in, int64_t n, cudaStream_t stream
 // dtype: DType::bf16 or DType::f32. heads and head_offsets are DEVICE arrays:
 // heads[head_offsets[p] .. head_offsets[p+1]) are the head indices peer p takes (P+1 offsets).
 // pack_heads:   src [B, T, Htot, d] -> P blocks one after another, block p = [B, T, n_p, d]
+// pack_heads and unpack_heads move only the token rows b in [b_begin, b_end), t in
+// [t_begin, t_end), to / from the places a whole call (0, B, 0, T) uses.
 void ulysses_pack_heads(void* dst, const void* src, DType dtype, const int32_t* heads,
-                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
-                        cudaStream_t stream);
+                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d, int b_begin,
+                        int b_end, int t_begin, int t_end, cudaStream_t stream);
 // unpack_heads: the reverse, P blocks -> dst [B, T, Htot, d]. accumulate: dst += the blocks'
 // values, peers added in increasing p (for bf16 each addition is rounded); otherwise assigned
 // (each head listed once). Heads listed by no peer are left untouched.
 void ulysses_unpack_heads(void* dst, const void* src, DType dtype, const int32_t* heads,
                           const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
-                          bool accumulate, cudaStream_t stream);
+                          bool accumulate, int b_begin, int b_end, int t_begin, int t_end, cudaStream_t stream);
 // pack_sequence:   src [B, P*T, h, d] -> P blocks, block s = [B, T, h, d], tokens [s*T, (s+1)*T)
 void ulysses_pack_sequence(void* dst, const void* src, DType dtype, int P, int B, int T, int h,
                            int d, cudaStream_t stream);

@@ -1,6 +1,6 @@
 // The Ulysses layout transforms around the two all-to-alls (semantics in cuda_ops.h and
 // kernels/cpu/cpu_ops.h). Pure data movement:
-//   pack_heads:   one block per token row (b, t); each thread copies units of 16/4/2/1 bytes
+//   pack_heads:   one block per token row (b, t) of the range asked for; each thread copies units of 16/4/2/1 bytes
 //                 (the widest that divides a head's bytes and the pointers' alignment) from head
 //                 heads[k] of the source row into peer p's block, p found from head_offsets;
 //   unpack_heads: one block per token row; thread i owns element i of every head and walks the
@@ -20,10 +20,17 @@ __device__ inline int peer_of(const int64_t* head_offsets, int P, int64_t k) {
 }
 
 // U: the copy unit; units_per_head = d * elem_bytes / sizeof(U).
+// The token row (b * T + t) that block `block` of a launch over rows b in [b_begin, ...),
+// t in [t_begin, t_begin + t_count) handles.
+__device__ inline int64_t range_row(unsigned block, int T, int b_begin, int t_begin, int t_count) {
+  return (int64_t(b_begin) + block / unsigned(t_count)) * T + t_begin + block % unsigned(t_count);
+}
+
 template <typename U>
 __global__ void pack_heads_kernel(U* dst, const U* src, const int32_t* heads, const int64_t* head_offsets,
-                                  int P, int64_t BT, int Htot, int units_per_head) {
-  const int64_t row = blockIdx.x;  // b * T + t
+                                  int P, int64_t BT, int Htot, int units_per_head, int T, int b_begin, int t_begin,
+                                  int t_count) {
+  const int64_t row = range_row(blockIdx.x, T, b_begin, t_begin, t_count);  // b * T + t
   const int64_t total = head_offsets[P];
   for (int64_t idx = threadIdx.x; idx < total * units_per_head; idx += blockDim.x) {
     const int64_t k = idx / units_per_head;
@@ -44,8 +51,9 @@ __device__ inline void store_f(bf16* p, float v) { *p = __float2bfloat16(v); }
 
 template <typename T>
 __global__ void unpack_heads_kernel(T* dst, const T* src, const int32_t* heads, const int64_t* head_offsets,
-                                    int P, int64_t BT, int Htot, int d, bool accumulate) {
-  const int64_t row = blockIdx.x;
+                                    int P, int64_t BT, int Htot, int d, bool accumulate, int T, int b_begin,
+                                    int t_begin, int t_count) {
+  const int64_t row = range_row(blockIdx.x, T, b_begin, t_begin, t_count);
   const int64_t total = head_offsets[P];
   int p = 0;
   for (int64_t k = 0; k < total; ++k) {
@@ -84,40 +92,49 @@ size_t elem_bytes_of(DType t) {
 }  // namespace
 
 void ulysses_pack_heads(void* dst, const void* src, DType dtype, const int32_t* heads,
-                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
-                        cudaStream_t stream) {
+                        const int64_t* head_offsets, int P, int B, int T, int Htot, int d, int b_begin,
+                        int b_end, int t_begin, int t_end, cudaStream_t stream) {
   const int64_t BT = int64_t(B) * T;
-  if (BT <= 0 || d <= 0) return;
+  const int64_t rows = int64_t(b_end - b_begin) * (t_end - t_begin);  // rows of the range: one block each
+  if (BT <= 0 || d <= 0 || rows <= 0) return;
+  const int tc = t_end - t_begin;
   const size_t head_bytes = elem_bytes_of(dtype) * size_t(d);
   const uintptr_t align = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src);
-  const unsigned grid = unsigned(BT);
+  const unsigned grid = unsigned(rows);
   if (head_bytes % 16 == 0 && align % 16 == 0)
     pack_heads_kernel<uint4><<<grid, 128, 0, stream>>>(static_cast<uint4*>(dst), static_cast<const uint4*>(src),
-                                                       heads, head_offsets, P, BT, Htot, int(head_bytes / 16));
+                                                       heads, head_offsets, P, BT, Htot, int(head_bytes / 16), T,
+                                                       b_begin, t_begin, tc);
   else if (head_bytes % 4 == 0 && align % 4 == 0)
     pack_heads_kernel<uint32_t><<<grid, 128, 0, stream>>>(static_cast<uint32_t*>(dst),
                                                           static_cast<const uint32_t*>(src), heads,
-                                                          head_offsets, P, BT, Htot, int(head_bytes / 4));
+                                                          head_offsets, P, BT, Htot, int(head_bytes / 4), T,
+                                                          b_begin, t_begin, tc);
   else
     pack_heads_kernel<uint16_t><<<grid, 128, 0, stream>>>(static_cast<uint16_t*>(dst),
                                                           static_cast<const uint16_t*>(src), heads,
-                                                          head_offsets, P, BT, Htot, int(head_bytes / 2));
+                                                          head_offsets, P, BT, Htot, int(head_bytes / 2), T,
+                                                          b_begin, t_begin, tc);
   CUDA_CHECK_LAUNCH("pack_heads_kernel");
 }
 
 void ulysses_unpack_heads(void* dst, const void* src, DType dtype, const int32_t* heads,
                           const int64_t* head_offsets, int P, int B, int T, int Htot, int d,
-                          bool accumulate, cudaStream_t stream) {
+                          bool accumulate, int b_begin, int b_end, int t_begin, int t_end, cudaStream_t stream) {
   const int64_t BT = int64_t(B) * T;
-  if (BT <= 0 || d <= 0) return;
+  const int64_t rows = int64_t(b_end - b_begin) * (t_end - t_begin);
+  if (BT <= 0 || d <= 0 || rows <= 0) return;
+  const int tc = t_end - t_begin;
   elem_bytes_of(dtype);
   const int threads = d <= 64 ? 64 : 128;
   if (dtype == DType::bf16)
-    unpack_heads_kernel<bf16><<<unsigned(BT), threads, 0, stream>>>(
-        static_cast<bf16*>(dst), static_cast<const bf16*>(src), heads, head_offsets, P, BT, Htot, d, accumulate);
+    unpack_heads_kernel<bf16><<<unsigned(rows), threads, 0, stream>>>(
+        static_cast<bf16*>(dst), static_cast<const bf16*>(src), heads, head_offsets, P, BT, Htot, d, accumulate, T,
+        b_begin, t_begin, tc);
   else
-    unpack_heads_kernel<float><<<unsigned(BT), threads, 0, stream>>>(
-        static_cast<float*>(dst), static_cast<const float*>(src), heads, head_offsets, P, BT, Htot, d, accumulate);
+    unpack_heads_kernel<float><<<unsigned(rows), threads, 0, stream>>>(
+        static_cast<float*>(dst), static_cast<const float*>(src), heads, head_offsets, P, BT, Htot, d, accumulate, T,
+        b_begin, t_begin, tc);
   CUDA_CHECK_LAUNCH("unpack_heads_kernel");
 }
 

@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
     const size_t n = size_t(Bq) * Tq * Htot * dq;
     DeviceBuffer<bf16> src(n), dst(n);
     fill_random(src, 14);
-    double ms = time_ms([&] { cuda::ulysses_pack_heads(dst.get(), src.get(), DType::bf16, dh.get(), doff.get(), P, Bq, Tq, Htot, dq, s); }, reps);
+    double ms = time_ms([&] { cuda::ulysses_pack_heads(dst.get(), src.get(), DType::bf16, dh.get(), doff.get(), P, Bq, Tq, Htot, dq, 0, Bq, 0, Tq, s); }, reps);
     report_bw(c, "ulysses_pack_heads", "T=8192 H=48 d=128 P=4", ms, 2 * 2.0 * n);
     ms = time_ms([&] { cuda::ulysses_unpack_sequence(dst.get(), src.get(), DType::bf16, P, Bq, Tq / P, Htot, dq, s); }, reps);
     report_bw(c, "ulysses_unpack_sequence", "T=8192 H=48 d=128 P=4", ms, 2 * 2.0 * n);

@@ -343,11 +343,11 @@ Results layout_case(int P, int B, int T_, int Hq, int Hkv, int d, uint64_t seed)
   const size_t n_src = size_t(B) * T_ * Htot * d, n_packed = size_t(B) * T_ * total * d;
   const Vec src = rounded_bf16(random_vector(rng, n_src));
   Vec packed_ref(n_packed);
-  cpu::ulysses_pack_heads(packed_ref.data(), src.data(), heads.data(), offsets.data(), P, B, T_, Htot, d);
+  cpu::ulysses_pack_heads(packed_ref.data(), src.data(), heads.data(), offsets.data(), P, B, T_, Htot, d, 0, B, 0, T_);
   const Vec base = rounded_bf16(random_vector(rng, n_src));
   Vec unpacked_ref = base;
   cpu::ulysses_unpack_heads(unpacked_ref.data(), packed_ref.data(), heads.data(), offsets.data(), P, B, T_, Htot, d,
-                            true);
+                            true, 0, B, 0, T_);
   // sequence transforms on [B, P*T, h, d] with h = 3
   const int h = 3;
   const size_t n_seq = size_t(B) * P * T_ * h * d;
@@ -360,9 +360,10 @@ Results layout_case(int P, int B, int T_, int Hq, int Hkv, int d, uint64_t seed)
   DeviceBuffer<int32_t> d_heads(heads);
   DeviceBuffer<int64_t> d_offsets(offsets);
   d_packed.poison(), d_seq_packed.poison(), d_seq_back.poison();
-  cuda::ulysses_pack_heads(d_packed.get(), d_src.get(), dt, d_heads.get(), d_offsets.get(), P, B, T_, Htot, d, nullptr);
+  cuda::ulysses_pack_heads(d_packed.get(), d_src.get(), dt, d_heads.get(), d_offsets.get(), P, B, T_, Htot, d, 0, B,
+                           0, T_, nullptr);
   cuda::ulysses_unpack_heads(d_unpacked.get(), d_packed.get(), dt, d_heads.get(), d_offsets.get(), P, B, T_, Htot, d,
-                             true, nullptr);
+                             true, 0, B, 0, T_, nullptr);
   cuda::ulysses_pack_sequence(d_seq_packed.get(), d_seq.get(), dt, P, B, T_, h, d, nullptr);
   cuda::ulysses_unpack_sequence(d_seq_back.get(), d_seq_packed.get(), dt, P, B, T_, h, d, nullptr);
   Results res{{"pack_heads", normalised_error(d_packed.download(), packed_ref), 0.0},
@@ -372,7 +373,7 @@ Results layout_case(int P, int B, int T_, int Hq, int Hkv, int d, uint64_t seed)
   if (!replicated) {  // assignment: every head listed once, unpack(pack(x)) == x
     DeviceBuffer<T> d_back(base);
     cuda::ulysses_unpack_heads(d_back.get(), d_packed.get(), dt, d_heads.get(), d_offsets.get(), P, B, T_, Htot, d,
-                               false, nullptr);
+                               false, 0, B, 0, T_, nullptr);
     res.push_back({"unpack_heads assign", normalised_error(d_back.download(), src), 0.0});
   }
   return res;
