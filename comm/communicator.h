@@ -33,6 +33,15 @@ struct CommCounters {
   void reset() { *this = CommCounters{}; }
 };
 
+// A nonblocking all_to_allv in flight (start_all_to_allv .. wait). Made once by make_request()
+// and reused: one request holds one collective at a time; the buffers and counts it was started
+// with must stay untouched until wait() returns. Backends subclass it to keep their handle (and
+// MPI its int count arrays, sized at creation, so starting one allocates nothing).
+struct CommRequest {
+  virtual ~CommRequest() = default;
+  bool in_flight = false;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -48,6 +57,22 @@ class Communicator {
   virtual void all_to_allv(const void* send, const size_t* send_counts, const size_t* send_displs,
                            void* recv, const size_t* recv_counts, const size_t* recv_displs,
                            DType t) = 0;
+  // Nonblocking all_to_allv: start it into `request` (not in flight), complete it with wait().
+  // Requests started on one communicator must be started in the same order on every rank (they
+  // match by order, like every collective); any number may be in flight at once. The default is
+  // the blocking call, so the request is already complete when start returns (NCCL, staged MPI
+  // and the emulated communicator: their all_to_allv is enqueued on the stream or blocking
+  // anyway; comm/ulysses.h overlaps them with a CUDA stream instead). MpiCommunicator overrides
+  // them with MPI_Ialltoallv / MPI_Wait.
+  virtual std::unique_ptr<CommRequest> make_request() { return std::make_unique<CommRequest>(); }
+  virtual void start_all_to_allv(CommRequest& request, const void* send, const size_t* send_counts,
+                                 const size_t* send_displs, void* recv, const size_t* recv_counts,
+                                 const size_t* recv_displs, DType t) {
+    all_to_allv(send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+    request.in_flight = true;
+  }
+  virtual void wait(CommRequest& request) { request.in_flight = false; }
+
   // In place when send == recv. avg divides by size().
   virtual void all_reduce(const void* send, void* recv, size_t count, DType t, ReduceOp op) = 0;
   // send: size() * recv_count elements; rank i receives the reduced block i.

@@ -98,26 +98,34 @@ void MpiCommunicator::all_to_all(const void* send, void* recv, size_t count_per_
   count(Collective::all_to_all, comm_detail::all_to_all_bytes(size_, count_per_peer, elem));
 }
 
-void MpiCommunicator::all_to_allv(const void* send, const size_t* send_counts,
-                                  const size_t* send_displs, void* recv,
-                                  const size_t* recv_counts, const size_t* recv_displs, DType t) {
-  const char* what = "all_to_allv";
+MpiCommunicator::VCheck MpiCommunicator::check_v(const char* what, const void* send, const size_t* send_counts,
+                                                 const size_t* send_displs, const void* recv,
+                                                 const size_t* recv_counts, const size_t* recv_displs,
+                                                 DType t) const {
   if (!send_counts || !send_displs || !recv_counts || !recv_displs)
     fail(what, "null count or displacement array");
   const size_t elem = dtype_size(t);
-  size_t send_end = 0, recv_end = 0, largest = 0;
-  uint64_t bytes_out = 0;
+  size_t send_end = 0, recv_end = 0;
+  VCheck v;
   for (int j = 0; j < size_; j++) {
     const size_t sc = send_counts[j], sd = send_displs[j], rc = recv_counts[j], rd = recv_displs[j];
     if (sc) send_end = std::max(send_end, sd + sc);
     if (rc) recv_end = std::max(recv_end, rd + rc);
-    largest = std::max({largest, sc, sd, rc, rd});
-    if (j != rank_) bytes_out += uint64_t(sc) * elem;
+    v.largest = std::max({v.largest, sc, sd, rc, rd});
+    if (j != rank_) v.bytes_out += uint64_t(sc) * elem;
   }
   if ((send_end > 0 && !send) || (recv_end > 0 && !recv)) fail(what, "null buffer");
   if (overlap(send, send_end * elem, recv, recv_end * elem))
     fail(what, "send and recv buffers overlap");
-  if (largest <= max_int_count_) {
+  return v;
+}
+
+void MpiCommunicator::all_to_allv(const void* send, const size_t* send_counts,
+                                  const size_t* send_displs, void* recv,
+                                  const size_t* recv_counts, const size_t* recv_displs, DType t) {
+  const char* what = "all_to_allv";
+  const VCheck v = check_v(what, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+  if (v.largest <= max_int_count_) {
     const size_t p = static_cast<size_t>(size_);
     std::vector<int> sc(p), sd(p), rc(p), rd(p);
     for (size_t j = 0; j < p; j++) {
@@ -132,7 +140,66 @@ void MpiCommunicator::all_to_allv(const void* send, const size_t* send_counts,
   } else {
     all_to_all_w(what, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
   }
-  count(Collective::all_to_all, bytes_out);
+  count(Collective::all_to_all, v.bytes_out);
+}
+
+namespace {
+// An MPI_Ialltoallv in flight and the int counts / displacements MPI reads until it completes.
+struct MpiRequest final : CommRequest {
+  const MpiCommunicator* owner = nullptr;
+  MPI_Request handle = MPI_REQUEST_NULL;
+  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;  // [P] each
+  // Not checked (a destructor must not throw). A request still in flight here means an error
+  // unwound past its wait: complete it so MPI stops writing into buffers about to be freed.
+  ~MpiRequest() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (in_flight && !finalized && handle != MPI_REQUEST_NULL) MPI_Wait(&handle, MPI_STATUS_IGNORE);
+  }
+};
+}  // namespace
+
+std::unique_ptr<CommRequest> MpiCommunicator::make_request() {
+  auto r = std::make_unique<MpiRequest>();
+  r->owner = this;
+  const size_t p = size_t(size_);
+  r->send_counts.resize(p), r->send_displs.resize(p), r->recv_counts.resize(p), r->recv_displs.resize(p);
+  return r;
+}
+
+void MpiCommunicator::start_all_to_allv(CommRequest& request, const void* send, const size_t* send_counts,
+                                        const size_t* send_displs, void* recv, const size_t* recv_counts,
+                                        const size_t* recv_displs, DType t) {
+  const char* what = "start_all_to_allv";
+  auto* r = dynamic_cast<MpiRequest*>(&request);
+  if (!r || r->owner != this) fail(what, "the request was not made by this communicator's make_request");
+  if (r->in_flight) fail(what, "the request is still in flight (wait for it first)");
+  const VCheck v = check_v(what, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+  if (v.largest <= max_int_count_) {
+    for (size_t j = 0; j < size_t(size_); j++) {
+      r->send_counts[j] = int(send_counts[j]);
+      r->send_displs[j] = int(send_displs[j]);
+      r->recv_counts[j] = int(recv_counts[j]);
+      r->recv_displs[j] = int(recv_displs[j]);
+    }
+    check(MPI_Ialltoallv(send, r->send_counts.data(), r->send_displs.data(), mpi_type(t), recv,
+                         r->recv_counts.data(), r->recv_displs.data(), mpi_type(t), comm_, &r->handle),
+          what);
+  } else {
+    // beyond int counts: the blocking Alltoallw path; nothing left to wait for
+    all_to_all_w(what, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+    r->handle = MPI_REQUEST_NULL;
+  }
+  r->in_flight = true;
+  count(Collective::all_to_all, v.bytes_out);
+}
+
+void MpiCommunicator::wait(CommRequest& request) {
+  auto* r = dynamic_cast<MpiRequest*>(&request);
+  if (!r || r->owner != this) fail("wait", "the request was not made by this communicator's make_request");
+  if (!r->in_flight) return;
+  r->in_flight = false;  // MPI_Wait frees the handle, also when it reports an error
+  check(MPI_Wait(&r->handle, MPI_STATUS_IGNORE), "wait (all_to_allv)");
 }
 
 // Large counts: one derived datatype per peer describing `count` elements at element offset

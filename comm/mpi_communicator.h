@@ -6,6 +6,12 @@
 // without overflow: all_to_all(v) switches to MPI_Alltoallw with one derived datatype per peer
 // (offsets as MPI_Aint), all_reduce and broadcast run in chunks, reduce_scatter and all_gather
 // fall back to one chunked MPI_Reduce / MPI_Bcast per block.
+//
+// Nonblocking all_to_allv (start_all_to_allv / wait): MPI_Ialltoallv on int count arrays that
+// the request owns (sized at make_request, so a start allocates nothing; MPI reads them until
+// the wait). Counts beyond max_int_count() take the blocking MPI_Alltoallw path instead, and
+// the request is complete when start returns. Progress: Open MPI moves a nonblocking collective
+// on only inside MPI calls (no progress thread), so on the CPU the overlap is small.
 #pragma once
 #include <climits>
 #include <string>
@@ -35,6 +41,11 @@ class MpiCommunicator final : public Communicator {
   void all_gather(const void* send, void* recv, size_t send_count, DType t) override;
   void broadcast(void* buf, size_t count, DType t, int root) override;
   void barrier() override;
+  std::unique_ptr<CommRequest> make_request() override;
+  void start_all_to_allv(CommRequest& request, const void* send, const size_t* send_counts,
+                         const size_t* send_displs, void* recv, const size_t* recv_counts,
+                         const size_t* recv_displs, DType t) override;
+  void wait(CommRequest& request) override;
 
   MPI_Comm mpi_comm() const { return comm_; }
   // Largest count or displacement handed to MPI as one int. INT_MAX normally; tests lower it
@@ -45,6 +56,14 @@ class MpiCommunicator final : public Communicator {
  private:
   [[noreturn]] void fail(const char* collective, const std::string& what) const;
   void check(int rc, const char* collective) const;
+  // Checks an all_to_allv's arguments; returns the largest count or displacement and the bytes
+  // that leave this rank.
+  struct VCheck {
+    size_t largest = 0;
+    uint64_t bytes_out = 0;
+  };
+  VCheck check_v(const char* what, const void* send, const size_t* send_counts, const size_t* send_displs,
+                 const void* recv, const size_t* recv_counts, const size_t* recv_displs, DType t) const;
   void all_to_all_w(const char* collective, const void* send, const size_t* send_counts,
                     const size_t* send_displs, void* recv, const size_t* recv_counts,
                     const size_t* recv_displs, DType t);
