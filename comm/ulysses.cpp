@@ -4,6 +4,11 @@
 #include <algorithm>
 
 #include "core/error.h"
+#ifdef ULYSSES_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_check.h"
+#endif
 
 namespace ulysses {
 
@@ -66,30 +71,81 @@ uint64_t ulysses_layer_bytes_sent(const UlyssesHeadPlan& plan, int rank, int B, 
   return bytes;
 }
 
-UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx)
-    : seq_(seq), plan_(std::move(plan)), B_(B), T_(T), d_(d), rank_(seq->rank()) {
+UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx,
+                                 int chunks)
+    : seq_(seq), plan_(std::move(plan)), B_(B), T_(T), d_(d), rank_(seq->rank()), K_(chunks) {
   ULYSSES_ASSERT(seq->size() == plan_.P, "sequence group of {} ranks, head plan for {}", seq->size(), plan_.P);
+  ULYSSES_ASSERT(chunks >= 1 && chunks <= T, "all-to-all chunks {} outside [1, T = {}]", chunks, T);
   const int P = plan_.P;
-  const size_t block = size_t(B) * T * d;  // elements of one head over the local tokens
+  const size_t BTd = size_t(B) * T * d;  // elements of one head over the local tokens
   const size_t my_qkv = size_t(plan_.qkv_offsets[rank_ + 1] - plan_.qkv_offsets[rank_]);
   const size_t my_q = size_t(plan_.q_count[rank_]);
-  auto add = [](Counts& c, size_t sc, size_t sd, size_t rc, size_t rd) {
-    c.send_counts.push_back(sc);
-    c.send_displs.push_back(sd);
-    c.recv_counts.push_back(rc);
-    c.recv_displs.push_back(rd);
+  // Every pattern's buffers are P blocks [B, T, n, d] (n heads per token) one after another, the
+  // block of peer p starting at head offset o: B*T*d*o elements. Per pattern and peer: the
+  // {n, o} of what is sent to p and of what is received from p.
+  struct Side {
+    size_t n, o;
   };
+  struct PeerBlocks {
+    Side send, recv;
+  };
+  std::vector<PeerBlocks> table[4];
   for (int p = 0; p < P; ++p) {
     const size_t n_qkv = size_t(plan_.qkv_offsets[p + 1] - plan_.qkv_offsets[p]);
     const size_t n_q = size_t(plan_.q_count[p]);
+    const Side their_qkv{n_qkv, size_t(plan_.qkv_offsets[p])}, my_qkv_from_p{my_qkv, my_qkv * p};
+    const Side their_q{n_q, size_t(plan_.out_offsets[p])}, my_q_from_p{my_q, my_q * p};
     // #1 forward: peer p gets its heads of my tokens; I get my heads of peer p's tokens.
-    add(qkv_forward_, block * n_qkv, block * size_t(plan_.qkv_offsets[p]), block * my_qkv, block * my_qkv * p);
+    table[qkv_forward].push_back({their_qkv, my_qkv_from_p});
     // #1 backward: the reverse.
-    add(qkv_backward_, block * my_qkv, block * my_qkv * p, block * n_qkv, block * size_t(plan_.qkv_offsets[p]));
+    table[qkv_backward].push_back({my_qkv_from_p, their_qkv});
     // #2 forward: peer p gets my heads of its tokens; I get its heads of my tokens.
-    add(out_forward_, block * my_q, block * my_q * p, block * n_q, block * size_t(plan_.out_offsets[p]));
+    table[out_forward].push_back({my_q_from_p, their_q});
     // #2 backward: the reverse.
-    add(out_backward_, block * n_q, block * size_t(plan_.out_offsets[p]), block * my_q, block * my_q * p);
+    table[out_backward].push_back({their_q, my_q_from_p});
+  }
+  // Rows [t0, t0 + n) of batch row b (b = -1: all rows) of every block: the whole block, or the
+  // run of n*n_p*d elements at row b*T + t0 of it.
+  auto counts = [&](const std::vector<PeerBlocks>& peers, int b, int t0, int n) {
+    Counts c;
+    for (const PeerBlocks& pb : peers) {
+      const size_t first = b < 0 ? 0 : (size_t(b) * T + size_t(t0)) * d;  // x n heads
+      const size_t rows = b < 0 ? size_t(B) * T : size_t(n);
+      c.send_counts.push_back(rows * d * pb.send.n);
+      c.send_displs.push_back(BTd * pb.send.o + first * pb.send.n);
+      c.recv_counts.push_back(rows * d * pb.recv.n);
+      c.recv_displs.push_back(BTd * pb.recv.o + first * pb.recv.n);
+    }
+    return c;
+  };
+  qkv_forward_ = counts(table[qkv_forward], -1, 0, 0);
+  qkv_backward_ = counts(table[qkv_backward], -1, 0, 0);
+  out_forward_ = counts(table[out_forward], -1, 0, 0);
+  out_backward_ = counts(table[out_backward], -1, 0, 0);
+  if (K_ > 1) {
+    // K ranges per batch row, the first T % K one token longer
+    for (int b = 0; b < B; ++b)
+      for (int k = 0; k < K_; ++k)
+        chunks_.push_back({b, k * (T / K_) + std::min(k, T % K_), T / K_ + (k < T % K_ ? 1 : 0)});
+    for (int pat = 0; pat < 4; ++pat)
+      for (const ops::TokenRows& r : chunks_) chunk_counts_[pat].push_back(counts(table[pat], r.b, r.t_begin, r.t_count));
+    const bool cuda = ctx && ctx->device == Device::cuda;
+    if (!cuda) {
+      for (size_t c = 0; c < chunks_.size(); ++c) requests_.push_back(seq_->make_request());
+    } else {
+#ifdef ULYSSES_CUDA
+      cudaStream_t stream = nullptr;
+      CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      comm_stream_ = stream;
+      cudaEvent_t e = nullptr;
+      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      ready_event_ = e;
+      for (size_t c = 0; c < chunks_.size(); ++c) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        done_events_.push_back(e);
+      }
+#endif
+    }
   }
   if (ctx && ctx->device == Device::cuda) {
     // the four maps as i32 rows (an int64 offset is two i32), copied once to a device arena
@@ -129,6 +185,106 @@ size_t UlyssesAllToAll::scratch_elements() const {
 void UlyssesAllToAll::exchange(const Counts& c, DType t) {
   seq_->all_to_allv(send_.data, c.send_counts.data(), c.send_displs.data(), recv_.data, c.recv_counts.data(),
                     c.recv_displs.data(), t);
+}
+
+UlyssesAllToAll::~UlyssesAllToAll() {
+#ifdef ULYSSES_CUDA
+  // Not checked (a destructor must not throw). Work still queued finishes before the stream's
+  // and the events' resources are released.
+  for (void* e : done_events_) (void)cudaEventDestroy(static_cast<cudaEvent_t>(e));
+  if (ready_event_) (void)cudaEventDestroy(static_cast<cudaEvent_t>(ready_event_));
+  if (comm_stream_) (void)cudaStreamDestroy(static_cast<cudaStream_t>(comm_stream_));
+#endif
+}
+
+void UlyssesAllToAll::start(ops::Context& ctx, Pattern p, int c, DType t) {
+  const Counts& n = chunk_counts_[p][size_t(c)];
+  if (!comm_stream_) {
+    seq_->start_all_to_allv(*requests_[size_t(c)], send_.data, n.send_counts.data(), n.send_displs.data(),
+                            recv_.data, n.recv_counts.data(), n.recv_displs.data(), t);
+    return;
+  }
+#ifdef ULYSSES_CUDA
+  auto model = static_cast<cudaStream_t>(ctx.stream());
+  auto comm = static_cast<cudaStream_t>(comm_stream_);
+  auto ready = static_cast<cudaEvent_t>(ready_event_);
+  // the comm stream runs the exchange after everything the model enqueued so far (the pack)
+  CUDA_CHECK(cudaEventRecord(ready, model));
+  CUDA_CHECK(cudaStreamWaitEvent(comm, ready, 0));
+  seq_->set_stream(comm);
+  seq_->all_to_allv(send_.data, n.send_counts.data(), n.send_displs.data(), recv_.data, n.recv_counts.data(),
+                    n.recv_displs.data(), t);
+  seq_->set_stream(model);
+  CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(done_events_[size_t(c)]), comm));
+#else
+  (void)ctx;
+#endif
+}
+
+void UlyssesAllToAll::wait(ops::Context& ctx, int c) {
+  if (!comm_stream_) {
+    seq_->wait(*requests_[size_t(c)]);
+    return;
+  }
+#ifdef ULYSSES_CUDA
+  CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(ctx.stream()),
+                                 static_cast<cudaEvent_t>(done_events_[size_t(c)]), 0));
+#else
+  (void)ctx;
+#endif
+}
+
+// F1: [B, T, Hq+2Hkv, d] rows of chunk c -> their place in P blocks [B, T, n_p, d] -> exchange
+void UlyssesAllToAll::qkv_heads_to_seq_start_chunk(ops::Context& ctx, int c, Tensor qkv_local) {
+  const HeadMaps m = maps();
+  ops::ulysses_pack_heads(ctx, send_, qkv_local, m.qkv_heads, m.qkv_offsets, plan_.P, chunk(c));
+  start(ctx, qkv_forward, c, qkv_local.dtype);
+}
+
+// F1: P blocks [B, T, n_me, d] -> [B, N, n_me, d]
+void UlyssesAllToAll::qkv_heads_to_seq_finish(ops::Context& ctx, Tensor qkv_full) {
+  for (int c = 0; c < num_chunks(); ++c) wait(ctx, c);
+  ops::ulysses_unpack_sequence(ctx, qkv_full, recv_, plan_.P);
+}
+
+// F2: [B, N, hq, d] -> P blocks [B, T, hq, d] -> every chunk's exchange
+void UlyssesAllToAll::out_seq_to_heads_start(ops::Context& ctx, Tensor out_full) {
+  ops::ulysses_pack_sequence(ctx, send_, out_full, plan_.P);
+  for (int c = 0; c < num_chunks(); ++c) start(ctx, out_forward, c, out_full.dtype);
+}
+
+// F2: chunk c's rows of P blocks [B, T, nq_p, d] -> its rows of [B, T, Hq, d]
+void UlyssesAllToAll::out_seq_to_heads_finish_chunk(ops::Context& ctx, int c, Tensor out_local) {
+  const HeadMaps m = maps();
+  wait(ctx, c);
+  ops::ulysses_unpack_heads(ctx, out_local, recv_, m.out_heads, m.out_offsets, plan_.P, /*accumulate=*/false, chunk(c));
+}
+
+// B2: [B, T, Hq, d] rows of chunk c -> their place in P blocks [B, T, nq_p, d] -> exchange
+void UlyssesAllToAll::out_heads_to_seq_start_chunk(ops::Context& ctx, int c, Tensor dout_local) {
+  const HeadMaps m = maps();
+  ops::ulysses_pack_heads(ctx, send_, dout_local, m.out_heads, m.out_offsets, plan_.P, chunk(c));
+  start(ctx, out_backward, c, dout_local.dtype);
+}
+
+// B2: P blocks [B, T, hq, d] -> [B, N, hq, d]
+void UlyssesAllToAll::out_heads_to_seq_finish(ops::Context& ctx, Tensor dout_full) {
+  for (int c = 0; c < num_chunks(); ++c) wait(ctx, c);
+  ops::ulysses_unpack_sequence(ctx, dout_full, recv_, plan_.P);
+}
+
+// B1: [B, N, hq+2hkv, d] -> P blocks [B, T, n_me, d] -> every chunk's exchange
+void UlyssesAllToAll::qkv_seq_to_heads_start(ops::Context& ctx, Tensor dqkv_full) {
+  ops::ulysses_pack_sequence(ctx, send_, dqkv_full, plan_.P);
+  for (int c = 0; c < num_chunks(); ++c) start(ctx, qkv_backward, c, dqkv_full.dtype);
+}
+
+// B1: chunk c's rows of P blocks [B, T, n_p, d] -> summed into its rows of [B, T, Hq+2Hkv, d]
+void UlyssesAllToAll::qkv_seq_to_heads_finish_chunk(ops::Context& ctx, int c, Tensor dqkv_local) {
+  const HeadMaps m = maps();
+  wait(ctx, c);
+  ops::ulysses_unpack_heads(ctx, dqkv_local, recv_, m.qkv_heads, m.qkv_offsets, plan_.P, /*accumulate=*/true,
+                            chunk(c));
 }
 
 void UlyssesAllToAll::all_to_all_qkv_heads_to_seq(ops::Context& ctx, Tensor qkv_full, Tensor qkv_local) {

@@ -19,8 +19,48 @@
 // model's stream (GPT calls Communicator::set_stream). The pack / unpack ops read the head maps
 // on the tensors' device: on cuda this class copies them once, at construction, into a small
 // device arena.
+//
+// Chunked all-to-alls (runtime.all_to_all_chunks = K > 1): each batch row's T local tokens are
+// cut into K contiguous ranges (the first T % K one token longer), so the B*K chunks of a layer's
+// all-to-all are B*K smaller all_to_allv calls, and GPT (core/gpt.cpp) pipelines them with the
+// GEMM on the same rows. The send / recv layout is the one of K = 1 (P blocks [B, T, n_p, d]),
+// in which the part of chunk (b, rows) for peer p is one contiguous run: every chunk is one
+// all_to_allv, its counts and displacements precomputed here. The four pipelines (F = forward,
+// B = backward; "start c" = the exchange of chunk c begins, "wait c" = the model may use it):
+//
+//   F1 (#1)  model: [qkv GEMM c0, rope, pack c0][start c0][GEMM c1, rope, pack c1][start c1] .. [wait all][unpack_sequence]
+//            comm:                                    [-- exchange c0 --]            [-- exchange c1 --] ..
+//   F2 (#2)  model: [pack_sequence][start all][wait c0][unpack c0, attproj GEMM c0][wait c1][unpack c1, GEMM c1] ..
+//            comm:                    [exchange c0][exchange c1] ..
+//   B2 (#2)  model: [dinp GEMM c0, pack c0][start c0][dinp GEMM c1, pack c1][start c1] .. [dWo GEMM][wait all][unpack_sequence]
+//   B1 (#1)  model: [pack_sequence][start all][zero][wait c0][unpack c0 (+=), rope bwd c0, dinp GEMM c0][wait c1] .. [dWqkv GEMM]
+//
+// How a chunk's exchange runs beside the model's work, per device:
+//   cpu:  Communicator::start_all_to_allv / wait, one CommRequest per chunk made here once
+//         (MpiCommunicator: MPI_Ialltoallv; the others complete it in start).
+//   cuda: a communication stream and events owned here (created once). start c: record `ready`
+//         on the model stream, the comm stream waits for it, the communicator's stream is set to
+//         the comm stream for the all_to_allv (NCCL enqueues it there; the emulated communicator
+//         copies there; the staged MPI one blocks the host, correct but without overlap) and set
+//         back to the model stream right after (so every other use of the communicator stays
+//         on the model stream), then done[c] is recorded on the comm stream. wait c: the model
+//         stream waits for done[c]. No host synchronisation.
+//
+// Why no buffer region is rewritten while an exchange may still read or write it (cuda; on the
+// cpu wait() returns only when the exchange is over, and the same order holds):
+//   * within a pipeline the chunks own disjoint regions of send and of recv ((b, rows) differ),
+//     and a chunk's region is written by the model before its start (the comm stream waits for
+//     `ready`) and read by the model only after its wait;
+//   * every pipeline ends with the model stream waiting for every chunk it started (F1 and B2
+//     wait for all before unpack_sequence; F2 and B1 wait for each chunk in their loop), so
+//     whatever the model enqueues next (the next pipeline's pack, the next layer's, the next
+//     micro-batch's, a recomputed forward) comes after all of those exchanges;
+//   * every exchange starts after `ready`, recorded after all the model's earlier work, so it
+//     comes after the previous pipeline's unpack read recv.
+// The same holds at K = 1, where everything runs on the model stream.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -60,7 +100,12 @@ class UlyssesAllToAll {
   // scratch_elements() each, on the model's device. T = N/P local tokens. ctx: the model's
   // context; on cuda the head maps are copied to the device with it (waits for the copy); null or
   // cpu: the pack / unpack ops read the plan's host arrays.
-  UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx = nullptr);
+  // chunks: runtime.all_to_all_chunks, K in [1, T] (K = 1: the whole-tensor calls only).
+  UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B, int T, int d, ops::Context* ctx = nullptr,
+                  int chunks = 1);
+  ~UlyssesAllToAll();
+  UlyssesAllToAll(const UlyssesAllToAll&) = delete;
+  UlyssesAllToAll& operator=(const UlyssesAllToAll&) = delete;
   size_t scratch_elements() const;
   void set_scratch(Tensor send, Tensor recv) { send_ = send; recv_ = recv; }
 
@@ -74,17 +119,48 @@ class UlyssesAllToAll {
   // #2 backward: dout_local [B, T, Hq, d] -> dout_full [B, N, hq, d]
   void all_to_all_out_heads_to_seq(ops::Context& ctx, Tensor dout_full, Tensor dout_local);
 
+  // ---- the chunked pipelines (K > 1; diagram above). Chunk c in [0, num_chunks()) is rows
+  // chunk(c) of the [B, T, ...] tensors, b-major; its first row of the [B*T, ...] view is
+  // first_row(c). Every pipeline is started and finished in the order below, chunks ascending.
+  int chunks_per_row() const { return K_; }
+  int num_chunks() const { return B_ * K_; }
+  ops::TokenRows chunk(int c) const { return chunks_[size_t(c)]; }
+  int64_t first_row(int c) const { return int64_t(chunks_[size_t(c)].b) * T_ + chunks_[size_t(c)].t_begin; }
+  // F1: chunk c's rows of qkv_local [B, T, Hq+2Hkv, d] are final: pack them, start their exchange.
+  void qkv_heads_to_seq_start_chunk(ops::Context& ctx, int c, Tensor qkv_local);
+  // F1: wait for every chunk, qkv_full [B, N, hq+2hkv, d] = the received sequence.
+  void qkv_heads_to_seq_finish(ops::Context& ctx, Tensor qkv_full);
+  // F2: pack out_full [B, N, hq, d] whole and start every chunk.
+  void out_seq_to_heads_start(ops::Context& ctx, Tensor out_full);
+  // F2: wait for chunk c, write its rows of out_local [B, T, Hq, d].
+  void out_seq_to_heads_finish_chunk(ops::Context& ctx, int c, Tensor out_local);
+  // B2: chunk c's rows of dout_local [B, T, Hq, d] are final: pack them, start their exchange.
+  void out_heads_to_seq_start_chunk(ops::Context& ctx, int c, Tensor dout_local);
+  // B2: wait for every chunk, dout_full [B, N, hq, d] = the received sequence.
+  void out_heads_to_seq_finish(ops::Context& ctx, Tensor dout_full);
+  // B1: pack dqkv_full [B, N, hq+2hkv, d] whole and start every chunk.
+  void qkv_seq_to_heads_start(ops::Context& ctx, Tensor dqkv_full);
+  // B1: wait for chunk c, add its rows into dqkv_local [B, T, Hq+2Hkv, d] (which the caller zeroed).
+  void qkv_seq_to_heads_finish_chunk(ops::Context& ctx, int c, Tensor dqkv_local);
+
   const UlyssesHeadPlan& plan() const { return plan_; }
   // Tests corrupt the plan (a wrong head permutation) to prove the equivalence test bites (cpu
   // only: the device copy of the maps is made at construction).
   UlyssesHeadPlan& mutable_plan_for_testing() { return plan_; }
 
- private:
-  // element counts/displacements of one all-to-all pattern
+  // element counts/displacements of one all_to_allv, per peer
   struct Counts {
     std::vector<size_t> send_counts, send_displs, recv_counts, recv_displs;
   };
+  enum Pattern { qkv_forward = 0, qkv_backward = 1, out_forward = 2, out_backward = 3 };
+  // Tests plant a wrong chunk displacement to prove the chunked equivalence test bites.
+  Counts& mutable_chunk_counts_for_testing(Pattern p, int c) { return chunk_counts_[p][size_t(c)]; }
+
+ private:
   void exchange(const Counts& c, DType t);
+  // the chunked exchanges: start chunk c of pattern p (send_ -> recv_), wait for chunk c
+  void start(ops::Context& ctx, Pattern p, int c, DType t);
+  void wait(ops::Context& ctx, int c);
   // the head maps where the pack / unpack ops read them (device arrays on cuda)
   struct HeadMaps {
     const int32_t* qkv_heads;
@@ -99,6 +175,14 @@ class UlyssesAllToAll {
   int B_, T_, d_, rank_;
   Counts qkv_forward_, qkv_backward_, out_forward_, out_backward_;
   Tensor send_, recv_;
+  // chunked (K > 1): the chunks, each pattern's counts per chunk, and what runs them
+  int K_ = 1;
+  std::vector<ops::TokenRows> chunks_;
+  std::vector<Counts> chunk_counts_[4];                // [pattern][chunk]
+  std::vector<std::unique_ptr<CommRequest>> requests_;  // cpu: one per chunk
+  void* comm_stream_ = nullptr;                         // cuda: cudaStream_t, owned
+  void* ready_event_ = nullptr;                         // cuda: cudaEvent_t on the model stream
+  std::vector<void*> done_events_;                      // cuda: cudaEvent_t per chunk, on comm_stream_
   // cuda: device copies of plan_'s qkv_heads, qkv_offsets, out_heads, out_offsets (the int64
   // offsets held as pairs of i32, a byte copy); empty on cpu
   Arena device_maps_;

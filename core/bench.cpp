@@ -127,6 +127,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   const Recompute recompute = parse_recompute(cfg.runtime.recompute);
   GPTRunShape run{B, N, P, cfg.runtime.tile_tokens, recompute};
   run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
+  run.all_to_all_chunks = cfg.runtime.all_to_all_chunks;  // comm/ulysses.h; no effect at P = 1
   GPT model(cfg.model, run, device, seq);
   model.context().cudnn_attention = uses_cudnn_attention(cfg);  // runtime.attention
   ops::Context& ctx = model.context();

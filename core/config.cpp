@@ -194,6 +194,7 @@ const std::vector<Field>& config_fields() {
     f.push_back(field("runtime.threads", &C::runtime, &RuntimeConfig::threads).at_least(0));
     f.push_back(field("runtime.comm_timeout", &C::runtime, &RuntimeConfig::comm_timeout).positive());
     f.push_back(field("runtime.overlap_comm", &C::runtime, &RuntimeConfig::overlap_comm));
+    f.push_back(field("runtime.all_to_all_chunks", &C::runtime, &RuntimeConfig::all_to_all_chunks).at_least(1));
     f.push_back(field("runtime.debug_inject_nan_step", &C::runtime, &RuntimeConfig::debug_inject_nan_step)
                     .at_least(0));
     f.push_back(field("runtime.debug_inject_nan_steps", &C::runtime, &RuntimeConfig::debug_inject_nan_steps)
@@ -632,6 +633,12 @@ struct Loader {
         throw_user_error("{}: key '{}' ({}) must be <= model.n_head ({}): inside attention each "
                          "of the P ranks computes at least one query head",
                          where_set({pkey, "model.n_head"}), pkey, P, m.n_head);
+      // each chunk of the pipelined all-to-alls is at least one of the seq_len / P local tokens
+      if (config.runtime.all_to_all_chunks > t.seq_len / P)
+        throw_user_error("{}: key 'runtime.all_to_all_chunks' ({}) must be <= the {} local tokens of a rank, "
+                         "train.seq_len / {} = {} / {}",
+                         where_set({"runtime.all_to_all_chunks", "train.seq_len", pkey}),
+                         config.runtime.all_to_all_chunks, t.seq_len / P, pkey, t.seq_len, P);
     }
 
     if (t.global_batch_tokens > 0) {

@@ -71,6 +71,9 @@ struct RuntimeConfig {
   // their own, overlapped with the layers' compute (core/zero3.h); needs device cuda
   bool overlap_comm = false;
   int tile_tokens = 0;             // MLP / LM-head chunk in tokens; 0: untiled
+  // the Ulysses all-to-alls in this many chunks of each rank's seq_len / P tokens, pipelined with
+  // the GEMMs beside them (comm/ulysses.h); 1: whole, no pipeline. No effect at P = 1.
+  int all_to_all_chunks = 1;
   std::string attention = "auto";  // auto | flash | cudnn (cuda only; see uses_cudnn_attention)
   int threads = 0;                 // OpenMP threads per rank; 0: cores / local ranks
   double comm_timeout = 300.0;     // seconds before a stuck collective aborts the job

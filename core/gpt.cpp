@@ -554,7 +554,12 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
     // the all-to-alls are enqueued after the model's kernels on ctx_'s stream (device
     // communicators); on cuda the head maps are copied to the device here, once
     seq_->set_stream(ctx_.stream());
-    ulysses_ = std::make_unique<UlyssesAllToAll>(seq_, plan_ulysses_heads(s.Hq, s.Hkv, P), B, T, d, &ctx_);
+    if (run.all_to_all_chunks < 1 || run.all_to_all_chunks > T)
+      throw_user_error("runtime.all_to_all_chunks = {} must be in [1, T] with T = train.seq_len / parallel.sequence "
+                       "= {} / {} = {} local tokens",
+                       run.all_to_all_chunks, N, P, T);
+    ulysses_ = std::make_unique<UlyssesAllToAll>(seq_, plan_ulysses_heads(s.Hq, s.Hkv, P), B, T, d, &ctx_,
+                                                 run.all_to_all_chunks);
     hq_ = ulysses_->plan().local_q_heads(seq_->rank());
     hkv_ = ulysses_->plan().local_kv_heads(seq_->rank());
   }
@@ -697,27 +702,57 @@ void GPT::zero_grad() { ops::fill_zero(ctx_, grads_flat_); }
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// LN1 output -> residual2 = Wo · attention(...) + bo (without the residual: the LayerNorm that
+// follows adds it). With P > 1 the two all-to-alls surround the attention; with
+// runtime.all_to_all_chunks > 1 each is pipelined chunk by chunk with the GEMM beside it
+// (comm/ulysses.h: F1 with the qkv GEMM, F2 with the attproj GEMM).
 void GPT::attention_forward(Layer& a, int l) {
   const GPTShape& s = shape_;
-  const int B = run_.B, T = run_.T(), d = s.d;
+  const int B = run_.B, T = run_.T(), d = s.d, Htot = s.qkv_heads();
   Activations& A = *act_;
   LayerTensors p = layer_params(l);
+  const bool chunked = run_.P > 1 && ulysses_->chunks_per_row() > 1;
   // qkv = ln1 · Wqkv + b        [B*T, C] -> [B, T, Hq + 2Hkv, d]
   Tensor qkv = run_.P > 1 ? A.qkv_local : a.qkv_full;
-  matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1, p.qkvw(), p.qkvb());
-  if (s.rope) {  // rotate q and k by their global positions, before they leave the rank
-    ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
-  }
-  if (run_.P > 1) {
-    // all-to-all #1: [B, N/P, Hq + 2Hkv, d] -> [B, N, hq + 2hkv, d]
-    ulysses_->all_to_all_qkv_heads_to_seq(ctx_, a.qkv_full, A.qkv_local);
+  if (!chunked) {
+    matmul_forward(qkv.reshape({int64_t(B) * T, int64_t(Htot) * d}), a.ln1, p.qkvw(), p.qkvb());
+    if (s.rope) {  // rotate q and k by their global positions, before they leave the rank
+      ops::rope_forward(ctx_, qkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
+    }
+    if (run_.P > 1) {
+      // all-to-all #1: [B, N/P, Hq + 2Hkv, d] -> [B, N, hq + 2hkv, d]
+      ulysses_->all_to_all_qkv_heads_to_seq(ctx_, a.qkv_full, A.qkv_local);
+    }
+  } else {
+    // F1: per chunk of rows [r, r + n): qkv GEMM, rope, pack, start its exchange
+    const Tensor qkv_rows = qkv.reshape({int64_t(B) * T, int64_t(Htot), int64_t(d)});
+    for (int c = 0; c < ulysses_->num_chunks(); ++c) {
+      const int64_t r = ulysses_->first_row(c), n = ulysses_->chunk(c).t_count;
+      Tensor q = qkv_rows.rows(r, n);  // [n, Hq + 2Hkv, d]
+      matmul_forward(q.reshape({n, int64_t(Htot) * d}), a.ln1.rows(r, n), p.qkvw(), p.qkvb());
+      if (s.rope) ops::rope_forward(ctx_, q, 0, s.Hq + s.Hkv, A.positions.rows(r, n), s.rope_theta);
+      ulysses_->qkv_heads_to_seq_start_chunk(ctx_, c, qkv);
+    }
+    ulysses_->qkv_heads_to_seq_finish(ctx_, a.qkv_full);  // [B, N, hq + 2hkv, d]
   }
   // causal attention over all N tokens for this rank's heads: [B, N, hq, d], lse [B, hq, N]
   if (counting_) op_counts_.attention_flops += 2ull * uint64_t(B) * uint64_t(hq_) * uint64_t(run_.N) * uint64_t(run_.N) * uint64_t(d);
   ops::attention_forward(ctx_, a.att_full, a.lse, a.qkv_full, hq_, hkv_);
-  if (run_.P > 1) {
-    // all-to-all #2: [B, N, hq, d] -> [B, N/P, Hq, d] = [B*T, C]
-    ulysses_->all_to_all_out_seq_to_heads(ctx_, a.att.reshape({B, T, s.Hq, d}), a.att_full);
+  if (!chunked) {
+    if (run_.P > 1) {
+      // all-to-all #2: [B, N, hq, d] -> [B, N/P, Hq, d] = [B*T, C]
+      ulysses_->all_to_all_out_seq_to_heads(ctx_, a.att.reshape({B, T, s.Hq, d}), a.att_full);
+    }
+    matmul_forward(a.residual2, a.att, p.attprojw(), p.attprojb());
+  } else {
+    // F2: every chunk's exchange started at once; per chunk: wait, unpack its rows, attproj GEMM
+    ulysses_->out_seq_to_heads_start(ctx_, a.att_full);
+    const Tensor att = a.att.reshape({B, T, s.Hq, d});
+    for (int c = 0; c < ulysses_->num_chunks(); ++c) {
+      const int64_t r = ulysses_->first_row(c), n = ulysses_->chunk(c).t_count;
+      ulysses_->out_seq_to_heads_finish_chunk(ctx_, c, att);
+      matmul_forward(a.residual2.rows(r, n), a.att.rows(r, n), p.attprojw(), p.attprojb());  // [n, C]
+    }
   }
 }
 
@@ -752,7 +787,6 @@ void GPT::block_forward(Layer& a, int l, Tensor x, bool recompute) {
   if (recompute) ops::layernorm_forward(ctx_, a.ln1, a.ln1_mean, a.ln1_rstd, x, p.ln1w(), p.ln1b());
   // attention block: residual2 = x + Wo · attention(LN1(x)) + bo, then LN2 of it
   attention_forward(a, l);
-  matmul_forward(a.residual2, a.att, p.attprojw(), p.attprojb());
   ops::residual_layernorm_forward(ctx_, a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, x, p.ln2w(),
                                   p.ln2b());
   // MLP block: residual3 = residual2 + W2 · gelu(W1 · LN2 + b1) + b2 (the addition left to the caller)
@@ -858,32 +892,67 @@ void GPT::classifier(const int32_t* targets, bool backward) {
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// With runtime.all_to_all_chunks > 1 the two all-to-alls are pipelined with the GEMMs beside
+// them (comm/ulysses.h: B2 with the attproj dinp GEMM, B1 with the qkv dinp GEMM); the GEMMs split
+// into per-chunk dinp calls and one dweight call over all rows (the dweight / dbias GEMMs are
+// the combined call's; a dinp row depends on its own row only, but the BLAS may round it
+// differently for fewer rows: tests/kernels/test_ulysses_layout.cpp).
 void GPT::attention_backward(Layer& a, int l, Tensor dres) {
   const GPTShape& s = shape_;
   Activations& A = *act_;
   const int B = run_.B, T = run_.T(), d = s.d;
+  const int64_t BT = int64_t(B) * T, qkv_width = int64_t(s.qkv_heads()) * d;
   LayerTensors p = layer_params(l);
   LayerTensors g = layer_grads(l);
+  const bool chunked = run_.P > 1 && ulysses_->chunks_per_row() > 1;
   // out = att · Wo + b: d(att) = dres · Wo
   ops::fill_zero(ctx_, A.datt);
-  matmul_backward(A.datt, g.attprojw(), g.attprojb(), dres, a.att, p.attprojw());
-  if (run_.P > 1) {
-    // backward of #2: [B, N/P, Hq, d] -> [B, N, hq, d]
-    ulysses_->all_to_all_out_heads_to_seq(ctx_, A.datt_full, A.datt.reshape({B, T, s.Hq, d}));
+  if (!chunked) {
+    matmul_backward(A.datt, g.attprojw(), g.attprojb(), dres, a.att, p.attprojw());
+    if (run_.P > 1) {
+      // backward of #2: [B, N/P, Hq, d] -> [B, N, hq, d]
+      ulysses_->all_to_all_out_heads_to_seq(ctx_, A.datt_full, A.datt.reshape({B, T, s.Hq, d}));
+    }
+  } else {
+    // B2: per chunk: d(att) rows, pack, start; then dWo, dbo over all rows while they fly
+    const Tensor datt = A.datt.reshape({B, T, s.Hq, d});
+    for (int c = 0; c < ulysses_->num_chunks(); ++c) {
+      const int64_t r = ulysses_->first_row(c), n = ulysses_->chunk(c).t_count;
+      matmul_backward(A.datt.rows(r, n), Tensor(), Tensor(), dres.rows(r, n), a.att.rows(r, n), p.attprojw());
+      ulysses_->out_heads_to_seq_start_chunk(ctx_, c, datt);
+    }
+    matmul_backward(Tensor(), g.attprojw(), g.attprojb(), dres, a.att, p.attprojw());
+    ulysses_->out_heads_to_seq_finish(ctx_, A.datt_full);  // [B, N, hq, d]
   }
   if (counting_) op_counts_.attention_flops += 4ull * uint64_t(B) * uint64_t(hq_) * uint64_t(run_.N) * uint64_t(run_.N) * uint64_t(d);
   ops::attention_backward(ctx_, A.dqkv_full, A.datt_full, a.qkv_full, a.att_full, a.lse, hq_, hkv_);
-  Tensor dqkv = A.dqkv_full;
-  if (run_.P > 1) {
-    // backward of #1: [B, N, hq + 2hkv, d] -> [B, N/P, Hq + 2Hkv, d]
-    ulysses_->all_to_all_qkv_seq_to_heads(ctx_, A.dqkv_local, A.dqkv_full);
-    dqkv = A.dqkv_local;
+  if (!chunked) {
+    Tensor dqkv = A.dqkv_full;
+    if (run_.P > 1) {
+      // backward of #1: [B, N, hq + 2hkv, d] -> [B, N/P, Hq + 2Hkv, d]
+      ulysses_->all_to_all_qkv_seq_to_heads(ctx_, A.dqkv_local, A.dqkv_full);
+      dqkv = A.dqkv_local;
+    }
+    if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
+    // qkv = ln1 · Wqkv + b
+    ops::fill_zero(ctx_, A.dln);
+    matmul_backward(A.dln, g.qkvw(), g.qkvb(), dqkv.reshape({BT, qkv_width}), a.ln1, p.qkvw());
+  } else {
+    // B1: every chunk's exchange started at once; per chunk: wait, sum its rows into dqkv_local,
+    // rope backward and d(ln1) on them; then dWqkv, dbqkv over all rows
+    ulysses_->qkv_seq_to_heads_start(ctx_, A.dqkv_full);
+    ops::fill_zero(ctx_, A.dqkv_local);
+    ops::fill_zero(ctx_, A.dln);
+    const Tensor dqkv_rows = A.dqkv_local.reshape({BT, int64_t(s.qkv_heads()), int64_t(d)});
+    for (int c = 0; c < ulysses_->num_chunks(); ++c) {
+      const int64_t r = ulysses_->first_row(c), n = ulysses_->chunk(c).t_count;
+      ulysses_->qkv_seq_to_heads_finish_chunk(ctx_, c, A.dqkv_local);
+      Tensor dq = dqkv_rows.rows(r, n);  // [n, Hq + 2Hkv, d]
+      if (s.rope) ops::rope_backward(ctx_, dq, 0, s.Hq + s.Hkv, A.positions.rows(r, n), s.rope_theta);
+      matmul_backward(A.dln.rows(r, n), Tensor(), Tensor(), dq.reshape({n, qkv_width}), a.ln1.rows(r, n), p.qkvw());
+    }
+    matmul_backward(Tensor(), g.qkvw(), g.qkvb(), A.dqkv_local.reshape({BT, qkv_width}), a.ln1, p.qkvw());
   }
-  if (s.rope) ops::rope_backward(ctx_, dqkv, 0, s.Hq + s.Hkv, A.positions, s.rope_theta);
-  // qkv = ln1 · Wqkv + b
-  ops::fill_zero(ctx_, A.dln);
-  matmul_backward(A.dln, g.qkvw(), g.qkvb(), dqkv.reshape({int64_t(B) * T, int64_t(s.qkv_heads()) * d}), a.ln1,
-                  p.qkvw());
 }
 
 // residual3 = residual2 + W2 · gelu(W1 · LN2(residual2)), chunk by chunk; leaves d(LN2 out) in

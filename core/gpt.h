@@ -172,6 +172,9 @@ struct GPTRunShape {
   bool master_weights = true;
   // runtime.offload = checkpoints (see kCheckpointSlots); needs recompute full and Device::cuda
   bool offload_checkpoints = false;
+  // runtime.all_to_all_chunks: the Ulysses all-to-alls in this many chunks of tokens per batch row,
+  // pipelined with the GEMMs beside them (comm/ulysses.h); 1: whole. No effect at P = 1.
+  int all_to_all_chunks = 1;
   int T() const { return N / P; }
   int64_t rows() const { return int64_t(B) * T(); }
   // rows per MLP chunk (all rows when untiled) and per LM-head chunk

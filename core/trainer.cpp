@@ -207,6 +207,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   run.sharded_layer_params = zero_stage == 3;
   run.master_weights = !per_layer;
   run.offload_checkpoints = cfg.runtime.offload == "checkpoints";  // config: needs recompute full, cuda
+  run.all_to_all_chunks = cfg.runtime.all_to_all_chunks;  // comm/ulysses.h; no effect at P = 1
   GPT model(cfg.model, run, device, groups.sequence.get());
   model.context().cudnn_attention = uses_cudnn_attention(cfg);  // runtime.attention
   ops::Context& ctx = model.context();

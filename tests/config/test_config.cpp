@@ -96,6 +96,7 @@ void require_same(const Config& a, const Config& b) {
   REQUIRE(a.runtime.threads == b.runtime.threads);
   REQUIRE(same_bits(a.runtime.comm_timeout, b.runtime.comm_timeout));
   REQUIRE(a.runtime.overlap_comm == b.runtime.overlap_comm);
+  REQUIRE(a.runtime.all_to_all_chunks == b.runtime.all_to_all_chunks);
   REQUIRE(a.checkpoint.dir == b.checkpoint.dir);
   REQUIRE(a.checkpoint.interval == b.checkpoint.interval);
   REQUIRE(a.checkpoint.keep_last == b.checkpoint.keep_last);
@@ -161,6 +162,7 @@ runtime:
   threads: 2
   comm_timeout: 12.5
   overlap_comm: true
+  all_to_all_chunks: 4
 checkpoint:
   dir: ckpt
   interval: 10
@@ -222,6 +224,7 @@ TEST_CASE("every key loads into its field", "[config]") {
   CHECK(c.runtime.recompute == "full");
   CHECK(c.runtime.offload == "checkpoints");
   CHECK(c.runtime.overlap_comm);
+  CHECK(c.runtime.all_to_all_chunks == 4);
   CHECK(c.runtime.tile_tokens == 1024);
   CHECK(c.runtime.attention == "cudnn");
   CHECK(c.runtime.threads == 2);
@@ -464,6 +467,22 @@ TEST_CASE("conflicts between keys", "[config][errors]") {
                       Catch::Contains("runtime.overlap_comm") && Catch::Contains("runtime.device"));
     CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.device=cpu", "runtime.overlap_comm=true"}),
                       Catch::Contains("got 'cpu'"));
+  }
+  // runtime.all_to_all_chunks: in [1, seq_len / P], naming the key and the two it depends on
+  {
+    CHECK(load_config_string(d, "t.yaml").runtime.all_to_all_chunks == 1);  // default 1
+    const std::string sp = d + "train:\n  seq_len: 64\nparallel:\n  sequence: 4\n";  // 16 local tokens
+    CHECK(load_config_string(sp + "runtime:\n  all_to_all_chunks: 16\n", "t.yaml").runtime.all_to_all_chunks == 16);
+    CHECK_THROWS_WITH(load_config_string(sp + "runtime:\n  all_to_all_chunks: 17\n", "t.yaml"),
+                      Catch::Contains("runtime.all_to_all_chunks") && Catch::Contains("train.seq_len") &&
+                          Catch::Contains("parallel.sequence") && Catch::Contains("(17) must be <= the 16 local"));
+    CHECK_THROWS_WITH(load_config_string(sp, "t.yaml", {"runtime.all_to_all_chunks=0"}),
+                      Catch::Contains("runtime.all_to_all_chunks"));
+    CHECK_THROWS_WITH(load_config_string(d + "train:\n  seq_len: 64\nparallel:\n  emulate_sequence: 4\n", "t.yaml",
+                                         {"runtime.all_to_all_chunks=17"}),
+                      Catch::Contains("parallel.emulate_sequence") && Catch::Contains("the 16 local tokens"));
+    // P = 1: no all-to-all, so any K >= 1 is accepted and ignored
+    CHECK(load_config_string(d, "t.yaml", {"runtime.all_to_all_chunks=1000"}).runtime.all_to_all_chunks == 1000);
   }
   CHECK(load_error(d + "checkpoint:\n  interval: 100\n") ==
         "test.yaml:4:13: key 'checkpoint.interval' (100) needs checkpoint.dir, the directory "
