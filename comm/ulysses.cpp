@@ -128,7 +128,8 @@ UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B,
       for (int k = 0; k < K_; ++k)
         chunks_.push_back({b, k * (T / K_) + std::min(k, T % K_), T / K_ + (k < T % K_ ? 1 : 0)});
     for (int pat = 0; pat < 4; ++pat)
-      for (const ops::TokenRows& r : chunks_) chunk_counts_[pat].push_back(counts(table[pat], r.b, r.t_begin, r.t_count));
+      for (const ops::TokenRows& r : chunks_)
+        chunk_counts_[pat].push_back(counts(table[pat], r.b, r.t_begin, r.t_count));
     const bool cuda = ctx && ctx->device == Device::cuda;
     if (!cuda) {
       for (size_t c = 0; c < chunks_.size(); ++c) requests_.push_back(seq_->make_request());

@@ -28,12 +28,14 @@
 // all_to_allv, its counts and displacements precomputed here. The four pipelines (F = forward,
 // B = backward; "start c" = the exchange of chunk c begins, "wait c" = the model may use it):
 //
-//   F1 (#1)  model: [qkv GEMM c0, rope, pack c0][start c0][GEMM c1, rope, pack c1][start c1] .. [wait all][unpack_sequence]
-//            comm:                                    [-- exchange c0 --]            [-- exchange c1 --] ..
-//   F2 (#2)  model: [pack_sequence][start all][wait c0][unpack c0, attproj GEMM c0][wait c1][unpack c1, GEMM c1] ..
-//            comm:                    [exchange c0][exchange c1] ..
-//   B2 (#2)  model: [dinp GEMM c0, pack c0][start c0][dinp GEMM c1, pack c1][start c1] .. [dWo GEMM][wait all][unpack_sequence]
-//   B1 (#1)  model: [pack_sequence][start all][zero][wait c0][unpack c0 (+=), rope bwd c0, dinp GEMM c0][wait c1] .. [dWqkv GEMM]
+//   F1 (#1 fwd)  model: [qkv GEMM, rope, pack c0][start c0][GEMM, rope, pack c1][start c1] .. [wait all][unpack]
+//                comm:                               [--- exchange c0 ---]         [--- exchange c1 ---]
+//   F2 (#2 fwd)  model: [pack][start all][wait c0][unpack c0, attproj GEMM c0][wait c1][unpack c1, GEMM c1] ..
+//                comm:                   [exchange c0][exchange c1][exchange c2] ..
+//   B2 (#2 bwd)  model: [dinp GEMM c0, pack c0][start c0][dinp GEMM c1, pack c1][start c1] .. [dWo GEMM][wait all][unpack]
+//                comm:                                   [--- exchange c0 ---]            [--- exchange c1 ---]
+//   B1 (#1 bwd)  model: [pack][start all][zero][wait c0][unpack c0 (+=), rope bwd, dinp GEMM c0][wait c1] .. [dWqkv GEMM]
+//                comm:                   [exchange c0][exchange c1][exchange c2] ..
 //
 // How a chunk's exchange runs beside the model's work, per device:
 //   cpu:  Communicator::start_all_to_allv / wait, one CommRequest per chunk made here once

@@ -11,7 +11,9 @@
 // its peers'): use it for timing and memory, not for losses.
 // On cuda (device = cuda) the buffers are device memory and every copy is a cudaMemcpyAsync on
 // the stream given by set_stream (the model's: GPT's constructor sets it), so the copies run in
-// order with the model's kernels and nothing waits for the host.
+// order with the model's kernels and nothing waits for the host. With runtime.all_to_all_chunks
+// > 1, UlyssesAllToAll sets its communication stream around each chunk's all_to_allv (and the
+// model's back after), so the chunks' copies run beside the GEMMs, as NCCL's transfers would.
 #pragma once
 #include "comm/communicator.h"
 
