@@ -147,6 +147,15 @@ torch_gpt torch_1p3b_n8k 60 --preset gpt-1.3b --seq-len 8192 --batch 1
 ulysses_bench ulysses_1p3b_n32k 75 "$gpt13" "${gpt13_set[@]}" --set train.seq_len=32768 --set model.max_seq_len=32768 \
   --set runtime.recompute=selective
 torch_gpt torch_1p3b_n32k 90 --preset gpt-1.3b --seq-len 32768 --batch 1 --recompute auto --warmup 2 --steps 4
+# runtime.all_to_all_chunks (comm/ulysses.h): one emulated rank of P = 8 at N = 32K (4K local
+# tokens, 2 of the 16 heads), the all-to-alls whole (K = 1) and pipelined in 4 chunks per
+# sequence (K = 4, the device copies on their own stream beside the GEMMs); ~15 s each
+ulysses_bench ulysses_1p3b_n32k_p8_k1 20 "$gpt13" "${gpt13_set[@]}" --set train.seq_len=32768 \
+  --set model.max_seq_len=32768 --set parallel.emulate_sequence=8 --set runtime.recompute=selective \
+  --set runtime.all_to_all_chunks=1
+ulysses_bench ulysses_1p3b_n32k_p8_k4 20 "$gpt13" "${gpt13_set[@]}" --set train.seq_len=32768 \
+  --set model.max_seq_len=32768 --set parallel.emulate_sequence=8 --set runtime.recompute=selective \
+  --set runtime.all_to_all_chunks=4
 if [ "${CHECK_TORCH_COMPILE:-0}" = 1 ]; then
   torch_gpt torch_124m_n1k_compile 150 --preset gpt2-124m --seq-len 1024 --batch 16 --compile
 fi
@@ -249,6 +258,14 @@ for label, key in shapes:
         print(f"{label:<22} {run:<8} {rec:<20} {cell(row, 'step_ms', '{:.1f}'):>9} {cell(row, 'tokens', '{:,.0f}'):>11} "
               f"{cell(row, 'tflops', '{:.1f}'):>8} {cell(row, 'mfu', '{:.1%}'):>6} {cell(row, 'mem', '{:.1f}'):>8}")
         label = ""
+# the all-to-all pipeline pair: one emulated rank of P = 8 (its own tokens/s, N/8 tokens per step)
+label = "GPT 1.3B N32K emul P8"
+for k in ("1", "4"):
+    row = ulysses_row(f"ulysses_1p3b_n32k_p8_k{k}")
+    rec = "" if row is None or "status" in row else row["recompute"]
+    print(f"{label:<22} {'a2a K=' + k:<8} {rec:<20} {cell(row, 'step_ms', '{:.1f}'):>9} {cell(row, 'tokens', '{:,.0f}'):>11} "
+          f"{cell(row, 'tflops', '{:.1f}'):>8} {cell(row, 'mfu', '{:.1%}'):>6} {cell(row, 'mem', '{:.1f}'):>8}")
+    label = ""
 print()
 print("causal attention fwd+bwd, d = 128 (TFLOP/s; FLOPs 3.5 x 2 B H N^2 d as in bench_cuda)")
 ours, ours_cudnn = {}, {}  # our flash kernels, and our cuDNN SDPA graph (kernels/cuda/attention_cudnn.cpp)
