@@ -20,17 +20,17 @@ __device__ inline int peer_of(const int64_t* head_offsets, int P, int64_t k) {
 }
 
 // U: the copy unit; units_per_head = d * elem_bytes / sizeof(U).
-// The token row (b * T + t) that block `block` of a launch over rows b in [b_begin, ...),
-// t in [t_begin, t_begin + t_count) handles.
-__device__ inline int64_t range_row(unsigned block, int T, int b_begin, int t_begin, int t_count) {
-  return (int64_t(b_begin) + block / unsigned(t_count)) * T + t_begin + block % unsigned(t_count);
+// The token row (b * T + t, T = `tokens` per batch row) that block `block` of a launch over
+// rows b in [b_begin, ...), t in [t_begin, t_begin + t_count) handles.
+__device__ inline int64_t range_row(unsigned block, int tokens, int b_begin, int t_begin, int t_count) {
+  return (int64_t(b_begin) + block / unsigned(t_count)) * tokens + t_begin + block % unsigned(t_count);
 }
 
 template <typename U>
 __global__ void pack_heads_kernel(U* dst, const U* src, const int32_t* heads, const int64_t* head_offsets,
-                                  int P, int64_t BT, int Htot, int units_per_head, int T, int b_begin, int t_begin,
-                                  int t_count) {
-  const int64_t row = range_row(blockIdx.x, T, b_begin, t_begin, t_count);  // b * T + t
+                                  int P, int64_t BT, int Htot, int units_per_head, int tokens, int b_begin,
+                                  int t_begin, int t_count) {
+  const int64_t row = range_row(blockIdx.x, tokens, b_begin, t_begin, t_count);  // b * T + t
   const int64_t total = head_offsets[P];
   for (int64_t idx = threadIdx.x; idx < total * units_per_head; idx += blockDim.x) {
     const int64_t k = idx / units_per_head;
@@ -51,9 +51,9 @@ __device__ inline void store_f(bf16* p, float v) { *p = __float2bfloat16(v); }
 
 template <typename T>
 __global__ void unpack_heads_kernel(T* dst, const T* src, const int32_t* heads, const int64_t* head_offsets,
-                                    int P, int64_t BT, int Htot, int d, bool accumulate, int T, int b_begin,
+                                    int P, int64_t BT, int Htot, int d, bool accumulate, int tokens, int b_begin,
                                     int t_begin, int t_count) {
-  const int64_t row = range_row(blockIdx.x, T, b_begin, t_begin, t_count);
+  const int64_t row = range_row(blockIdx.x, tokens, b_begin, t_begin, t_count);  // b * T + t
   const int64_t total = head_offsets[P];
   int p = 0;
   for (int64_t k = 0; k < total; ++k) {

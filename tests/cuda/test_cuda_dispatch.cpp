@@ -448,6 +448,25 @@ Results layout_case(ops::Context& ctx, int P, int B, int T_, int Hq, int Hkv, in
               err("unpack_heads accumulate", d_unpacked.download(), unpacked_ref, tol_sum),
               err("pack_sequence", d_seq_packed.download(), seq_packed_ref, 0.0),
               err("unpack_sequence", d_seq_back.download(), seq_back_ref, 0.0)};
+  {
+    // the row-range form (ops::TokenRows), called as the chunked all-to-alls call it: per batch
+    // row, K = 3 ranges of ceil / floor(T / 3) rows, together every row once, give the whole
+    // call's result (pack: every element of the poisoned output written)
+    DeviceBuffer<T> d_packed_rows(packed_ref.size()), d_unpacked_rows(base);
+    d_packed_rows.poison();
+    ready();
+    const int K = std::min(3, T_);
+    for (int b = 0; b < B; ++b)
+      for (int k = 0; k < K; ++k) {
+        const ops::TokenRows rows{b, k * (T_ / K) + std::min(k, T_ % K), T_ / K + (k < T_ % K ? 1 : 0)};
+        ops::ulysses_pack_heads(ctx, dev(d_packed_rows, {n_packed}), dev(d_src, {B, T_, Htot, d}), d_heads.get(),
+                                d_offsets.get(), P, rows);
+        ops::ulysses_unpack_heads(ctx, dev(d_unpacked_rows, {B, T_, Htot, d}), dev(d_packed, {n_packed}),
+                                  d_heads.get(), d_offsets.get(), P, true, rows);
+      }
+    res.push_back(err("pack_heads rows", d_packed_rows.download(), packed_ref, 0.0));
+    res.push_back(err("unpack_heads accumulate rows", d_unpacked_rows.download(), unpacked_ref, tol_sum));
+  }
   if (Hkv >= P) {  // every head listed once: unpack (assign) of pack gives the source back
     DeviceBuffer<T> d_back(base);
     ready();

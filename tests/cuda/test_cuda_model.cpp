@@ -16,6 +16,8 @@
 //   - an emulated P = 2 sequence-parallel rank (core/emulate.h: the Ulysses pack / unpack ops
 //     with the head maps on the device, the exchanges as device copies on the model's stream)
 //     against the same emulated rank on the CPU, with the tolerances above;
+//   - all_to_all_chunks = 4 on an emulated P = 4 rank: within the tiled MLP's bounds of 1 chunk,
+//     bitwise on repeat, the same bytes sent;
 //   - the device memory a rank allocates (model + AdamW + one step, cudaMemGetInfo) against the
 //     CUDA column of core/memory_estimate.h: the growth from N = 2048 to N = 4096 within 5% of
 //     the estimate's (the fixed cuBLASLt workspace and handles cancel in the difference).
@@ -285,6 +287,43 @@ TEST_CASE("an emulated P = 2 sequence-parallel rank on CUDA matches the same ran
       // the emulated exchanges moved what a real rank sends, in bf16 on cuda and fp32 on cpu
       CHECK(2 * seq_cuda.counters().bytes_sent[size_t(Collective::all_to_all)] ==
             seq_cpu.counters().bytes_sent[size_t(Collective::all_to_all)]);
+    }
+  }
+}
+
+// runtime.all_to_all_chunks = 4 on an emulated P = 4 rank (comm/ulysses.h: the chunks' device
+// copies on the all-to-all's comm stream, ordered by events): within the tiled MLP's bounds of
+// 1 chunk (the qkv and attproj GEMMs run on 16-row chunks: other cuBLASLt kernels, other
+// rounding), bitwise on repeat, the same bytes in 8 times the calls. 4 heads (GQA: 2 kv), so every
+// peer takes as many heads as this rank and the emulated copies move the same elements either way.
+TEST_CASE("all_to_all_chunks = 4 on an emulated P = 4 rank: the losses of 1 chunk, bitwise on repeat",
+          "[cuda][model][sp]") {
+  skip_without_cuda();
+  for (bool rope : {false, true}) {
+    DYNAMIC_SECTION((rope ? "RoPE + GQA" : "learned positions")) {
+      ModelConfig m = small_model(rope);
+      m.n_embd = 256;
+      m.n_head = 4;  // head_dim 64
+      m.n_kv_head = rope ? 2 : 0;
+      const GPTRunShape whole{2, 64, 4, 0, Recompute::none};
+      GPTRunShape chunked = whole;
+      chunked.all_to_all_chunks = 4;
+      EmulatedSequenceCommunicator s1(4, 0, Device::cuda), s4(4, 0, Device::cuda), s4_again(4, 0, Device::cuda);
+      const Run one = train(m, whole, Device::cuda, &s1);
+      const Run four = train(m, chunked, Device::cuda, &s4);
+      const Run again = train(m, chunked, Device::cuda, &s4_again);
+      double loss_rel = 0;
+      for (size_t i = 0; i < one.losses.size(); ++i)
+        loss_rel = std::max(loss_rel, std::abs(four.losses[i] - one.losses[i]) / std::abs(one.losses[i]));
+      const double grad_rel = rel_l2(four.grads, one.grads, 0, one.grads.size());
+      std::printf("all_to_all_chunks 4 vs 1 (emulated P = 4, %s): loss rel %.2e, gradients rel L2 %.2e\n",
+                  rope ? "rope" : "learned", loss_rel, grad_rel);
+      CHECK(loss_rel <= 1e-2);
+      CHECK(grad_rel <= 2e-2);
+      CHECK(bitwise_equal(four, again));
+      const size_t a2a = size_t(Collective::all_to_all);
+      CHECK(s4.counters().bytes_sent[a2a] == s1.counters().bytes_sent[a2a]);
+      CHECK(s4.counters().calls[a2a] == 8 * s1.counters().calls[a2a]);  // B * K = 2 * 4
     }
   }
 }

@@ -17,6 +17,8 @@
 //       (its ZeRO 2 / 3 rows, to the byte, with and without runtime.overlap_comm), on 1 rank and on 4;
 //   (h) runtime.overlap_comm gives bitwise the losses without it: ZeRO 2 and 3 on 1 and 4 ranks,
 //       ZeRO 0 and 1 on 1 rank and on 2 (ranks 0, 1 of the 4-rank job).
+//   (i) SP = 4 with runtime.all_to_all_chunks = 4 (4 ranks, staged MPI): the losses of 1 chunk
+//       within kSpTolerance, and bitwise on repeat.
 // Tolerances (bf16 weights and activations against fp32): kCpuTolerance = 2e-2 relative on the
 // loss (bf16 rounds to 2^-9 relative per op; over 10 steps the losses of the two typically differ
 // by 1e-3..5e-3); kSpTolerance = 5e-3 (both sides bf16; only the GEMM row counts and the gradient
@@ -456,6 +458,45 @@ TEST_CASE("ZeRO 0 and 1 with runtime.overlap_comm on 2 ranks (DP 2, staged MPI) 
   int all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   CHECK(all_ok == 1);  // every rank fails with ranks 0, 1
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
+// runtime.all_to_all_chunks (comm/ulysses.h): SP = 4 on 4 ranks sharing the GPU (staged MPI, so
+// each chunk's exchange blocks the host: correct, no overlap) with the all-to-alls in 4 chunks per
+// sequence: every loss within kSpTolerance of the whole all-to-alls (cuBLASLt may pick other
+// kernels for the qkv and attproj GEMMs on 8-row chunks instead of all 8 x 32 local rows), and a
+// repeat bitwise the same (losses and validation losses).
+TEST_CASE("SP=4 with runtime.all_to_all_chunks=4 on 4 ranks: the losses of 1 chunk, bitwise on repeat",
+          "[four_ranks]") {
+  if (world_size() != 4) {
+    WARN("needs mpirun -np 4; skipped");
+    return;
+  }
+  const fs::path dir = job_dir("chunks4");
+  write_text_shards(dir);
+  const char* names[3] = {"k1", "k4", "k4_again"};
+  const char* chunks[3] = {"1", "4", "4"};
+  for (int i = 0; i < 3; ++i)
+    REQUIRE(train(small_config(dir, {"runtime.device=cuda", "parallel.sequence=4", "parallel.backend=mpi",
+                                     "train.max_steps=4", "train.eval_interval=2",
+                                     std::string("runtime.all_to_all_chunks=") + chunks[i],
+                                     metrics_of(dir, names[i])})) == 0);
+  int ok = 1;
+  if (world_rank() == 0) {
+    const auto k1 = field_values(dir / "k1.jsonl", "loss"), k4 = field_values(dir / "k4.jsonl", "loss");
+    const double diff = max_relative_difference(numbers(k4), numbers(k1));
+    std::printf("test_cuda_train: all_to_all_chunks 4 vs 1 (SP=4, staged MPI): max relative loss difference %.3g "
+                "(tolerance %.3g)\n", diff, kSpTolerance);
+    CHECK(k1.size() == 4);
+    CHECK(diff < kSpTolerance);
+    CHECK(k4 == field_values(dir / "k4_again.jsonl", "loss"));
+    CHECK(!field_values(dir / "k4.jsonl", "val_loss").empty());
+    CHECK(field_values(dir / "k4.jsonl", "val_loss") == field_values(dir / "k4_again.jsonl", "val_loss"));
+    ok = k1.size() == 4 && diff < kSpTolerance && k4 == field_values(dir / "k4_again.jsonl", "loss");
+  }
+  MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  CHECK(ok == 1);
+  MPI_Barrier(MPI_COMM_WORLD);
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
