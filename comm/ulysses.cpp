@@ -4,11 +4,6 @@
 #include <algorithm>
 
 #include "core/error.h"
-#ifdef ULYSSES_CUDA
-#include <cuda_runtime.h>
-
-#include "kernels/cuda/cuda_check.h"
-#endif
 
 namespace ulysses {
 
@@ -130,23 +125,10 @@ UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B,
     for (int pat = 0; pat < 4; ++pat)
       for (const ops::TokenRows& r : chunks_)
         chunk_counts_[pat].push_back(counts(table[pat], r.b, r.t_begin, r.t_count));
-    const bool cuda = ctx && ctx->device == Device::cuda;
-    if (!cuda) {
+    if (ctx && ctx->device == Device::cuda)
+      comm_stream_ = std::make_unique<CommStream>(ctx->stream(), num_chunks(), /*host_wait=*/false);
+    else
       for (size_t c = 0; c < chunks_.size(); ++c) requests_.push_back(seq_->make_request());
-    } else {
-#ifdef ULYSSES_CUDA
-      cudaStream_t stream = nullptr;
-      CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      comm_stream_ = stream;
-      cudaEvent_t e = nullptr;
-      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      ready_event_ = e;
-      for (size_t c = 0; c < chunks_.size(); ++c) {
-        CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-        done_events_.push_back(e);
-      }
-#endif
-    }
   }
   if (ctx && ctx->device == Device::cuda) {
     // the four maps as i32 rows (an int64 offset is two i32), copied once to a device arena
@@ -188,51 +170,28 @@ void UlyssesAllToAll::exchange(const Counts& c, DType t) {
                     c.recv_displs.data(), t);
 }
 
-UlyssesAllToAll::~UlyssesAllToAll() {
-#ifdef ULYSSES_CUDA
-  // Not checked (a destructor must not throw). Work still queued finishes before the stream's
-  // and the events' resources are released.
-  for (void* e : done_events_) (void)cudaEventDestroy(static_cast<cudaEvent_t>(e));
-  if (ready_event_) (void)cudaEventDestroy(static_cast<cudaEvent_t>(ready_event_));
-  if (comm_stream_) (void)cudaStreamDestroy(static_cast<cudaStream_t>(comm_stream_));
-#endif
-}
+UlyssesAllToAll::~UlyssesAllToAll() = default;
 
 void UlyssesAllToAll::start(ops::Context& ctx, Pattern p, int c, DType t) {
+  ULYSSES_ASSERT(!comm_stream_ || comm_stream_->model_stream() == ctx.stream(), "chunked all-to-all on another stream");
   const Counts& n = chunk_counts_[p][size_t(c)];
-  if (!comm_stream_) {
+  if (comm_stream_) {
+    comm_stream_->run(*seq_, c, [&] {
+      seq_->all_to_allv(send_.data, n.send_counts.data(), n.send_displs.data(), recv_.data, n.recv_counts.data(),
+                        n.recv_displs.data(), t);
+    });
+  } else {
     seq_->start_all_to_allv(*requests_[size_t(c)], send_.data, n.send_counts.data(), n.send_displs.data(),
                             recv_.data, n.recv_counts.data(), n.recv_displs.data(), t);
-    return;
   }
-#ifdef ULYSSES_CUDA
-  auto model = static_cast<cudaStream_t>(ctx.stream());
-  auto comm = static_cast<cudaStream_t>(comm_stream_);
-  auto ready = static_cast<cudaEvent_t>(ready_event_);
-  // the comm stream runs the exchange after everything the model enqueued so far (the pack)
-  CUDA_CHECK(cudaEventRecord(ready, model));
-  CUDA_CHECK(cudaStreamWaitEvent(comm, ready, 0));
-  seq_->set_stream(comm);
-  seq_->all_to_allv(send_.data, n.send_counts.data(), n.send_displs.data(), recv_.data, n.recv_counts.data(),
-                    n.recv_displs.data(), t);
-  seq_->set_stream(model);
-  CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(done_events_[size_t(c)]), comm));
-#else
-  (void)ctx;
-#endif
 }
 
 void UlyssesAllToAll::wait(ops::Context& ctx, int c) {
-  if (!comm_stream_) {
-    seq_->wait(*requests_[size_t(c)]);
-    return;
-  }
-#ifdef ULYSSES_CUDA
-  CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(ctx.stream()),
-                                 static_cast<cudaEvent_t>(done_events_[size_t(c)]), 0));
-#else
   (void)ctx;
-#endif
+  if (comm_stream_)
+    comm_stream_->model_waits(c);
+  else
+    seq_->wait(*requests_[size_t(c)]);
 }
 
 // F1: [B, T, Hq+2Hkv, d] rows of chunk c -> their place in P blocks [B, T, n_p, d] -> exchange

@@ -40,13 +40,16 @@
 // How a chunk's exchange runs beside the model's work, per device:
 //   cpu:  Communicator::start_all_to_allv / wait, one CommRequest per chunk made here once
 //         (MpiCommunicator: MPI_Ialltoallv; the others complete it in start).
-//   cuda: a communication stream and events owned here (created once). start c: record `ready`
-//         on the model stream, the comm stream waits for it, the communicator's stream is set to
-//         the comm stream for the all_to_allv (NCCL enqueues it there; the emulated communicator
-//         copies there; the staged MPI one blocks the host, correct but without overlap) and set
-//         back to the model stream right after (so every other use of the communicator stays
-//         on the model stream), then done[c] is recorded on the comm stream. wait c: the model
-//         stream waits for done[c]. No host synchronisation.
+//   cuda: a CommStream (comm/comm_stream.h) owned here, one event per chunk. start c:
+//         CommStream::run: the comm stream follows the model stream (so the exchange comes after
+//         the pack), the communicator's stream is set to the comm stream for the all_to_allv
+//         (NCCL enqueues it there; the emulated communicator copies there; the staged MPI one
+//         blocks the host, correct but without overlap) and set back to the model stream right
+//         after (every other use of the communicator stays on the model stream), then event c is
+//         recorded. wait c: the model stream waits for event c. No host synchronisation
+//         (host_wait false, also for a staged communicator: its next collective either runs on
+//         the comm stream, after its own wait for that stream, or on the model stream after the
+//         pipeline's waits below, so its pinned result buffer is never refilled under a copy).
 //
 // Why no buffer region is rewritten while an exchange may still read or write it (cuda; on the
 // cpu wait() returns only when the exchange is over, and the same order holds):
@@ -65,6 +68,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/comm_stream.h"
 #include "comm/communicator.h"
 #include "core/arena.h"
 #include "kernels/ops.h"
@@ -182,9 +186,7 @@ class UlyssesAllToAll {
   std::vector<ops::TokenRows> chunks_;
   std::vector<Counts> chunk_counts_[4];                // [pattern][chunk]
   std::vector<std::unique_ptr<CommRequest>> requests_;  // cpu: one per chunk
-  void* comm_stream_ = nullptr;                         // cuda: cudaStream_t, owned
-  void* ready_event_ = nullptr;                         // cuda: cudaEvent_t on the model stream
-  std::vector<void*> done_events_;                      // cuda: cudaEvent_t per chunk, on comm_stream_
+  std::unique_ptr<CommStream> comm_stream_;             // cuda: event c = chunk c's exchange done
   // cuda: device copies of plan_'s qkv_heads, qkv_offsets, out_heads, out_offsets (the int64
   // offsets held as pairs of i32, a byte copy); empty on cpu
   Arena device_maps_;

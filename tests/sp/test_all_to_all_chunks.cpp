@@ -15,6 +15,7 @@
 #include <catch2/catch.hpp>
 #include <mpi.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "comm/groups.h"
+#include "comm/mpi_communicator.h"
 #include "comm/ulysses.h"
 #include "core/gpt.h"
 #include "core/optimizer.h"
@@ -187,5 +189,67 @@ TEST_CASE("a wrong chunk displacement breaks the chunked equivalence", "[sp][chu
     CHECK(r.max_loss_rel > 100 * kLossTolerance);
     CHECK(r.max_grad_rel > 100 * kGradTolerance);
     break;  // one layout is enough to show the test bites
+  }
+}
+
+// The nonblocking all_to_allv the CPU pipeline runs on (comm/mpi_communicator.h): several in
+// flight at once, started and waited in order, deliver what the blocking call delivers, also on the
+// large-count path (max_int_count lowered: the blocking Alltoallw, complete at start); the bytes
+// are counted; a request is refused while in flight or by another communicator.
+TEST_CASE("MpiCommunicator: nonblocking all_to_allv equals the blocking one", "[sp][chunks][comm]") {
+  MpiCommunicator comm(MPI_COMM_WORLD, "world-nb");
+  MpiCommunicator other(MPI_COMM_WORLD, "other");
+  const int P = comm.size(), rank = comm.rank();
+  // peer j gets (j + 1) * 3 elements from every rank; 3 requests over disjoint thirds of the buffers
+  const int parts = 3;
+  const size_t np = static_cast<size_t>(P);
+  std::vector<size_t> sc(np), sd(np), rc(np), rd(np);
+  size_t send_total = 0, recv_total = 0;
+  for (int j = 0; j < P; ++j) {
+    sc[size_t(j)] = size_t(j + 1) * 3, sd[size_t(j)] = send_total, send_total += sc[size_t(j)];
+    rc[size_t(j)] = size_t(rank + 1) * 3, rd[size_t(j)] = recv_total, recv_total += rc[size_t(j)];
+  }
+  for (const size_t max_int : {size_t(INT_MAX), size_t(2)}) {
+    CAPTURE(max_int);
+    comm.set_max_int_count(max_int);
+    std::vector<float> send(send_total * parts);
+    for (size_t i = 0; i < send.size(); ++i) send[i] = float(rank * 100000 + int(i));
+    std::vector<float> blocking(recv_total * parts, -1.f), nonblocking(recv_total * parts, -1.f);
+    std::vector<std::unique_ptr<CommRequest>> requests;
+    for (int k = 0; k < parts; ++k) requests.push_back(comm.make_request());
+    auto shifted = [](std::vector<size_t> d, size_t by) {
+      for (size_t& x : d) x += by;
+      return d;
+    };
+    comm.counters().reset();
+    for (int k = 0; k < parts; ++k) {
+      const auto sdk = shifted(sd, send_total * k), rdk = shifted(rd, recv_total * k);
+      comm.all_to_allv(send.data(), sc.data(), sdk.data(), blocking.data(), rc.data(), rdk.data(), DType::f32);
+    }
+    const CommCounters after_blocking = comm.counters();
+    comm.counters().reset();
+    std::vector<std::vector<size_t>> sds, rds;  // kept alive until the waits
+    for (int k = 0; k < parts; ++k) {
+      sds.push_back(shifted(sd, send_total * k));
+      rds.push_back(shifted(rd, recv_total * k));
+      comm.start_all_to_allv(*requests[size_t(k)], send.data(), sc.data(), sds.back().data(), nonblocking.data(),
+                             rc.data(), rds.back().data(), DType::f32);
+    }
+    CHECK(requests[0]->in_flight);
+    CHECK_THROWS_AS(comm.start_all_to_allv(*requests[0], send.data(), sc.data(), sd.data(), nonblocking.data(),
+                                           rc.data(), rd.data(), DType::f32),
+                    CommError);
+    for (int k = 0; k < parts; ++k) comm.wait(*requests[size_t(k)]);
+    CHECK_FALSE(requests[0]->in_flight);
+    CHECK(std::memcmp(blocking.data(), nonblocking.data(), blocking.size() * sizeof(float)) == 0);
+    // block j of part k came from rank j: its first element is rank j's element at the matching place
+    CHECK(nonblocking[rd[0]] == float(0 * 100000 + int(sd[size_t(rank)])));
+    CHECK(comm.counters().bytes_sent == after_blocking.bytes_sent);
+    CHECK(comm.counters().calls == after_blocking.calls);
+    // a request of another communicator is refused (before anything is sent)
+    auto foreign = other.make_request();
+    CHECK_THROWS_AS(comm.start_all_to_allv(*foreign, send.data(), sc.data(), sd.data(), nonblocking.data(), rc.data(),
+                                           rd.data(), DType::f32),
+                    CommError);
   }
 }
