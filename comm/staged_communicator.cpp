@@ -93,7 +93,11 @@ void StagedCommunicator::all_to_allv(const void* send, const size_t* send_counts
   }
   char* in = room(input_, send_end * elem, what);
   char* out = room(result_, recv_end * elem, what);
-  to_host(in, send, send_end * elem, what);
+  // block by block too: a chunked all-to-all (runtime.all_to_all_chunks) sends small blocks
+  // spread over a large buffer, and only they are read
+  for (int j = 0; j < size_; j++)
+    if (send_counts[j])
+      to_host(at(in, send_displs[j], elem), at(send, send_displs[j], elem), send_counts[j] * elem, what);
   wait(what);
   inner_->all_to_allv(in, send_counts, send_displs, out, recv_counts, recv_displs, t);
   take_counts();
