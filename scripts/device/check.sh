@@ -106,8 +106,8 @@ if [ "$only" != bench ]; then
   stage test_cuda_dispatch 40 "$build/tests/cuda/test_cuda_dispatch"
   stage test_cudnn_attention 120 "$build/tests/cuda/test_cudnn_attention"
   stage test_cuda_model 50 "$build/tests/cuda/test_cuda_model"
-  stage test_cuda_train 90 "$build/tests/cuda/test_cuda_train" "[one_rank]"
-  stage test_cuda_train_np4 60 "${mpirun_cmd[@]}" -np 4 "$build/tests/cuda/test_cuda_train" "[four_ranks]"
+  stage test_cuda_train 120 "$build/tests/cuda/test_cuda_train" "[one_rank]"
+  stage test_cuda_train_np4 100 "${mpirun_cmd[@]}" -np 4 "$build/tests/cuda/test_cuda_train" "[four_ranks]"
   stage check_nccl_np1 30 "${launch[@]}" "$ulysses_bin" check --set runtime.device=cuda --set parallel.backend=nccl
   stage check_staged_np2 40 "${mpirun_cmd[@]}" -np 2 "$ulysses_bin" check --set runtime.device=cuda \
     --set parallel.backend=mpi --set parallel.sequence=2
