@@ -57,9 +57,11 @@
 #include "tests/test_util.h"
 #include "core/zero.h"
 #include "core/zero3.h"
+#include "tests/mpi_test_util.h"
 
 namespace fs = std::filesystem;
 using namespace ulysses;
+using ulysses::test::world_size;
 
 namespace {
 
@@ -72,12 +74,6 @@ int world_rank() {
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
 }
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-
 // One scratch directory per job (rank 0's pid, shared with the other ranks).
 fs::path job_dir(const std::string& name) {
   int pid = int(::getpid());

@@ -15,16 +15,13 @@
 #include "core/error.h"
 #include "core/gpt.h"
 #include "fault_test_util.h"
+#include "tests/mpi_test_util.h"
 
 using namespace ulysses;
+using ulysses::test::world_size;
 using namespace ulysses::fault_test;
 
 namespace {
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
 }  // namespace
 
 TEST_CASE("a NaN injected into a gradient skips that step and training continues", "[faults][nan]") {

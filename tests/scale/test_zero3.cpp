@@ -38,8 +38,10 @@
 #include "tests/faults/fault_test_util.h"
 #include "tests/scale/zero_test_util.h"
 #include "tests/test_util.h"
+#include "tests/mpi_test_util.h"
 
 using namespace ulysses;
+using ulysses::test::world_size;
 using ulysses::test::rank_tokens;
 
 namespace {
@@ -48,11 +50,6 @@ int world_rank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
-}
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
 }
 double max_over_ranks(double x) {
   MPI_Allreduce(MPI_IN_PLACE, &x, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);

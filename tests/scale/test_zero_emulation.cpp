@@ -24,17 +24,13 @@
 #include "core/zero.h"
 #include "tests/scale/zero_test_util.h"
 #include "tests/test_util.h"
+#include "tests/mpi_test_util.h"
 
 using namespace ulysses;
+using ulysses::test::world_size;
 using ulysses::test::rank_tokens;
 
 namespace {
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
 
 ModelConfig zero_model() {
   ModelConfig m;

@@ -28,8 +28,10 @@
 #include "core/gpt.h"
 #include "core/optimizer.h"
 #include "tests/test_util.h"
+#include "tests/mpi_test_util.h"
 
 using namespace ulysses;
+using ulysses::test::world_size;
 
 namespace {
 
@@ -61,17 +63,8 @@ struct Outcome {
   bool calls_times_chunks = true;  // all-to-all calls = B*K x those of K = 1
 };
 
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-
 std::vector<int32_t> sequence_tokens(int64_t s, int N, int V) {
-  std::mt19937 rng(static_cast<uint32_t>(7000 + s));
-  std::vector<int32_t> t(static_cast<size_t>(N) + 1);
-  for (auto& x : t) x = int32_t(rng() % uint32_t(V));
-  return t;
+  return test::random_tokens(uint32_t(7000 + s), size_t(N) + 1, V);
 }
 
 // plant: chunk 1 of the #1 forward exchange receives peer (rank + 1) % P's rows where chunk 0's

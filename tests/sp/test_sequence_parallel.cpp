@@ -14,8 +14,10 @@
 #include "core/gpt.h"
 #include "core/optimizer.h"
 #include "tests/test_util.h"
+#include "tests/mpi_test_util.h"
 
 using namespace ulysses;
+using ulysses::test::world_size;
 
 namespace {
 
@@ -34,18 +36,9 @@ struct Result {
   double max_param_rel = 0;  // max |sp - ref| / max |ref|
 };
 
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-
 // Tokens of global sequence s (N + 1 of them: inputs and shifted targets).
 std::vector<int32_t> sequence_tokens(int64_t s, int N, int V) {
-  std::mt19937 rng(static_cast<uint32_t>(1000 + s));
-  std::vector<int32_t> t(static_cast<size_t>(N) + 1);
-  for (auto& x : t) x = int32_t(rng() % uint32_t(V));
-  return t;
+  return test::random_tokens(uint32_t(1000 + s), size_t(N) + 1, V);
 }
 
 Result run_case(const SpCase& c, bool corrupt_all_to_all) {
