@@ -1,7 +1,11 @@
 // CommStream (comm/comm_stream.h): the comm stream and its events.
 #include "comm/comm_stream.h"
 
+#include <spdlog/spdlog.h>
+
+#include <chrono>
 #include <stdexcept>
+#include <thread>
 
 #include "core/error.h"
 #ifdef ULYSSES_CUDA
@@ -26,8 +30,10 @@ void* new_event() {
 CommStream::CommStream(void* model_stream, int events, bool host_wait) : model_(model_stream), host_wait_(host_wait) {
   ULYSSES_ASSERT(events >= 0, "CommStream: {} events", events);
   try {
+    int least = 0, greatest = 0;  // numerically: greatest priority = the lowest number
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     cudaStream_t s = nullptr;
-    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
     comm_ = s;
     model_mark_ = new_event();
     comm_mark_ = new_event();
@@ -41,7 +47,19 @@ CommStream::CommStream(void* model_stream, int events, bool host_wait) : model_(
 CommStream::~CommStream() { release(); }
 
 void CommStream::release() {
-  if (comm_) cudaStreamSynchronize(as_stream(comm_));
+  if (comm_) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(kDestroyWaitS);
+    while (cudaStreamQuery(as_stream(comm_)) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        // a collective waits for a peer that will not come (an error elsewhere): leave the
+        // stream and events to the process's end rather than hang here
+        spdlog::error("comm stream: still busy after {} s at teardown; not waiting longer", kDestroyWaitS);
+        comm_ = nullptr;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
   for (void* e : events_) cudaEventDestroy(as_event(e));
   if (comm_mark_) cudaEventDestroy(as_event(comm_mark_));
   if (model_mark_) cudaEventDestroy(as_event(model_mark_));

@@ -1,7 +1,9 @@
 // A CUDA stream for collectives beside the model's stream, and the events that order the two:
 // what runtime.overlap_comm (core/zero.h, core/zero3.h) and runtime.all_to_all_chunks
 // (comm/ulysses.h) run their collectives on. Created once; a step only records and waits (no
-// allocation; no host wait, except after a staged communicator's collective: see run()).
+// allocation; no host wait, except with host_wait: see run()). The comm stream has the device's
+// highest priority, so a collective's kernel is scheduled as soon as it may run, not behind
+// the blocks of a GEMM that fills the GPU.
 //
 //   model stream  ──k1──k2──●──────k3──k4──────◆──k5──      ● comm_follows_model()
 //                           │                  ▲            ◆ model_waits(e) / join()
@@ -25,12 +27,15 @@ class CommStream {
   // memory): after each run() the host waits for the comm stream (see run()). Throws on a build
   // without CUDA.
   CommStream(void* model_stream, int events, bool host_wait);
-  // waits for the comm stream (collectives in flight read or write the users' buffers), then
-  // destroys the stream and the events; nothing is checked (destructors must not throw)
+  // waits for the comm stream (collectives in flight read or write the users' buffers; at most
+  // kDestroyWaitS seconds, so that an error that left a collective waiting for a dead peer ends
+  // the process instead of hanging it), then destroys the stream and the events; nothing is
+  // checked (destructors must not throw)
   ~CommStream();
   CommStream(const CommStream&) = delete;
   CommStream& operator=(const CommStream&) = delete;
 
+  static constexpr double kDestroyWaitS = 60;
   void* stream() const { return comm_; }        // the comm stream (a cudaStream_t)
   void* model_stream() const { return model_; }
 

@@ -7,6 +7,7 @@
 #include "comm/groups.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -121,6 +122,10 @@ DevicePlan setup_devices(const std::string& runtime_device, const std::string& p
 void ProcessGroups::set_stream(void* cuda_stream) {
   for (Communicator* c : {world.get(), sequence.get(), data.get()})
     if (c) c->set_stream(cuda_stream);
+}
+
+void order_nccl_launches(bool concurrent) {
+  if (concurrent) setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "1", /*overwrite=*/0);
 }
 
 ProcessGroups make_process_groups(int sequence_parallel_size, CommBackend backend, Device device,

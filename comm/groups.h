@@ -76,6 +76,14 @@ struct ProcessGroups {
 ProcessGroups make_process_groups(int sequence_parallel_size, CommBackend backend, Device device = Device::cpu,
                                   MPI_Comm world = MPI_COMM_WORLD);
 
+// NCCL communicators whose kernels may run at once on one GPU (the comm streams of
+// runtime.overlap_comm and runtime.all_to_all_chunks beside the model stream) must launch them
+// in one order on every GPU, or the GPUs can deadlock. Every rank issues its collectives from
+// one thread in the same order, so NCCL (2.26 and later) can keep that order itself: with
+// `concurrent`, this sets NCCL_LAUNCH_ORDER_IMPLICIT=1 for this process unless the environment
+// sets it already. Call before make_process_groups (NCCL reads it when it initialises).
+void order_nccl_launches(bool concurrent);
+
 // One communicator over `comm` on the MPI backend (tests use it directly).
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, std::string name);
 #ifdef ULYSSES_CUDA

@@ -117,6 +117,12 @@ MpiCommunicator::VCheck MpiCommunicator::check_v(const char* what, const void* s
   if ((send_end > 0 && !send) || (recv_end > 0 && !recv)) fail(what, "null buffer");
   if (overlap(send, send_end * elem, recv, recv_end * elem))
     fail(what, "send and recv buffers overlap");
+  // the int or the Alltoallw path must be the same collective on every rank, and ranks' counts
+  // differ (uneven heads, GQA): decide on the largest value over the group (one small
+  // all-reduce, negligible beside the all-to-all)
+  uint64_t largest = v.largest;
+  check(MPI_Allreduce(MPI_IN_PLACE, &largest, 1, MPI_UINT64_T, MPI_MAX, comm_), what);
+  v.largest = size_t(largest);
   return v;
 }
 

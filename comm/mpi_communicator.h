@@ -56,8 +56,8 @@ class MpiCommunicator final : public Communicator {
  private:
   [[noreturn]] void fail(const char* collective, const std::string& what) const;
   void check(int rc, const char* collective) const;
-  // Checks an all_to_allv's arguments; returns the largest count or displacement and the bytes
-  // that leave this rank.
+  // Checks an all_to_allv's arguments; returns the largest count or displacement of any rank of
+  // the group (collective: an all-reduce) and the bytes that leave this rank.
   struct VCheck {
     size_t largest = 0;
     uint64_t bytes_out = 0;

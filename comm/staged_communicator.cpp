@@ -37,11 +37,14 @@ void StagedCommunicator::check(cudaError_t rc, const char* collective, const cha
 char* StagedCommunicator::room(Pinned& buffer, size_t bytes, const char* collective) {
   if (bytes <= buffer.bytes) return static_cast<char*>(buffer.data);
   wait(collective);  // the previous call's result copy may still read the old buffer
+  // a regrowth at least doubles: the chunked all-to-alls (runtime.all_to_all_chunks) ask for a
+  // longer span with each chunk of their first step, and each regrowth costs a device-wide sync
+  const size_t grown = buffer.bytes > 0 ? std::max(bytes, 2 * buffer.bytes) : bytes;
   if (buffer.data) check(cudaFreeHost(buffer.data), collective, "cudaFreeHost");
   buffer = Pinned{};
-  check(cudaHostAlloc(&buffer.data, bytes, cudaHostAllocDefault), collective,
-        fmt::format("cudaHostAlloc({} bytes)", bytes).c_str());
-  buffer.bytes = bytes;
+  check(cudaHostAlloc(&buffer.data, grown, cudaHostAllocDefault), collective,
+        fmt::format("cudaHostAlloc({} bytes)", grown).c_str());
+  buffer.bytes = grown;
   return static_cast<char*>(buffer.data);
 }
 

@@ -44,8 +44,11 @@ class StagedCommunicator final : public Communicator {
   void broadcast(void* buf, size_t count, DType t, int root) override;
   void barrier() override;       // the wrapped barrier (host only)
   void synchronize() override;   // waits for the stream (the last result's copy)
-  // Call before the first collective (the pinned buffers are handed over between calls on one
-  // stream only).
+  // The stream the next collectives run on. Each collective ends with its result's copy to the
+  // device still queued on that stream, reading a pinned buffer the next collective refills
+  // after waiting for its own stream only; so a user that moves the communicator between streams
+  // (comm/comm_stream.h) must order the streams in between: CommStream::run with host_wait does,
+  // and UlyssesAllToAll argues its order in comm/ulysses.h.
   void set_stream(void* cuda_stream) override { stream_ = static_cast<cudaStream_t>(cuda_stream); }
 
   size_t pinned_bytes() const { return input_.bytes + result_.bytes; }

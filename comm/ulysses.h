@@ -54,14 +54,14 @@
 // Why no buffer region is rewritten while an exchange may still read or write it (cuda; on the
 // cpu wait() returns only when the exchange is over, and the same order holds):
 //   * within a pipeline the chunks own disjoint regions of send and of recv ((b, rows) differ),
-//     and a chunk's region is written by the model before its start (the comm stream waits for
-//     `ready`) and read by the model only after its wait;
+//     and a chunk's region is written by the model before its start (which the comm stream
+//     follows: CommStream::comm_follows_model) and read by the model only after its wait;
 //   * every pipeline ends with the model stream waiting for every chunk it started (F1 and B2
 //     wait for all before unpack_sequence; F2 and B1 wait for each chunk in their loop), so
 //     whatever the model enqueues next (the next pipeline's pack, the next layer's, the next
 //     micro-batch's, a recomputed forward) comes after all of those exchanges;
-//   * every exchange starts after `ready`, recorded after all the model's earlier work, so it
-//     comes after the previous pipeline's unpack read recv.
+//   * every exchange starts after all the model's earlier work (comm_follows_model), so it comes
+//     after the previous pipeline's unpack read recv.
 // The same holds at K = 1, where everything runs on the model stream.
 #pragma once
 #include <cstdint>

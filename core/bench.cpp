@@ -113,6 +113,8 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
     const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
     omp_set_num_threads(std::max(1, cores / std::max(1, mpi.local_size)));
   }
+  order_nccl_launches(plan.backend == CommBackend::nccl &&
+                      (cfg.runtime.overlap_comm || cfg.runtime.all_to_all_chunks > 1));
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, plan.backend, device, mpi.comm);
   Communicator& host = groups.host_world();
   // parallel.emulate_sequence = P: this rank does rank 0's work of a P-rank group, the all-to-alls

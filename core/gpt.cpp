@@ -604,7 +604,10 @@ GPT::GPT(const ModelConfig& cfg, GPTRunShape run, Device device, Communicator* s
   if (run.offload_checkpoints) offload_ = std::make_unique<CheckpointOffload>(s.L, BT * C * 2);
 }
 
-GPT::~GPT() = default;
+// The all-to-alls first: chunked exchanges still in flight (an error unwound past their waits)
+// read and write the activation arena's scratch, so they complete (or are waited for) before
+// the arena is freed.
+GPT::~GPT() { ulysses_.reset(); }
 
 size_t GPT::activation_bytes() const { return act_arena_.bytes(); }
 

@@ -184,6 +184,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   // job when one takes longer than runtime.comm_timeout. Declared first: they outlive the groups.
   StopSignals stop_signals;
   Watchdog watchdog(mpi.world_rank, cfg.runtime.comm_timeout);
+  order_nccl_launches(plan.backend == CommBackend::nccl &&
+                      (cfg.runtime.overlap_comm || cfg.runtime.all_to_all_chunks > 1));
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, plan.backend, device, mpi.comm);
   watch_process_groups(groups, watchdog);
   Communicator& world = *groups.world;      // the model's memory: gradients, ZeRO all-gathers
