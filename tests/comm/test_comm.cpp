@@ -91,6 +91,38 @@ TEST_CASE("mpi communicator: large-count paths (int limit lowered to 3 elements)
   check_every_collective(c, host);
 }
 
+TEST_CASE("mpi communicator: all_to_allv takes one path on every rank when only one rank's "
+          "displacements pass the int limit", "[comm][mpi][large]") {
+  auto owned = make_mpi_communicator(MPI_COMM_WORLD, "world");
+  auto& c = dynamic_cast<MpiCommunicator&>(*owned);
+  const int P = c.size(), me = c.rank();
+  c.set_max_int_count(size_t(P) + 1);
+  // one element to every peer; rank 0 receives them 10 apart (displacements up to 10 (P - 1),
+  // past the limit from 2 ranks on), the others side by side (at most P - 1, within it)
+  const size_t stride = me == 0 ? 10 : 1, n = static_cast<size_t>(P);
+  std::vector<size_t> ones(n, 1), send_displs(n), recv_displs(n);
+  std::vector<int32_t> send(n), recv(n * stride, -1);
+  for (int j = 0; j < P; ++j) {
+    send_displs[size_t(j)] = size_t(j);
+    recv_displs[size_t(j)] = size_t(j) * stride;
+    send[size_t(j)] = 100 * me + j;
+  }
+  for (int rep = 0; rep < 2; ++rep) {  // the blocking and the nonblocking call
+    std::fill(recv.begin(), recv.end(), -1);
+    if (rep == 0) {
+      c.all_to_allv(send.data(), ones.data(), send_displs.data(), recv.data(), ones.data(), recv_displs.data(),
+                    DType::i32);
+    } else {
+      auto request = c.make_request();
+      c.start_all_to_allv(*request, send.data(), ones.data(), send_displs.data(), recv.data(), ones.data(),
+                          recv_displs.data(), DType::i32);
+      c.wait(*request);
+    }
+    for (int j = 0; j < P; ++j) CHECK(recv[size_t(j) * stride] == 100 * j + me);
+  }
+  c.barrier();
+}
+
 TEST_CASE("mpi communicator: byte counters", "[comm][mpi][counters]") {
   auto c = make_mpi_communicator(MPI_COMM_WORLD, "world");
   HostMemory host;
