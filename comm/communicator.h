@@ -88,6 +88,12 @@ class Communicator {
   // NCCL: the CUDA stream collectives are enqueued on (a cudaStream_t). MPI ignores it.
   virtual void set_stream(void* /*cuda_stream*/) {}
 
+  // The collectives called between group_begin() and group_end() may be fused into one launch
+  // (NCCL: ncclGroupStart / ncclGroupEnd, one kernel for many small all-reduces); the others run
+  // each one as it is called. Results are valid only after group_end() (on the stream, for NCCL).
+  virtual void group_begin() {}
+  virtual void group_end() {}
+
   CommCounters& counters() { return counters_; }
   const CommCounters& counters() const { return counters_; }
 

@@ -191,6 +191,9 @@ void NcclCommunicator::barrier() {
   synchronize();
 }
 
+void NcclCommunicator::group_begin() { check(ncclGroupStart(), "group_begin"); }
+void NcclCommunicator::group_end() { check(ncclGroupEnd(), "group_end"); }
+
 // Polls rather than blocking in cudaStreamSynchronize, so that an asynchronous NCCL error (a
 // peer died, a network failure) becomes a CommError instead of a hang.
 void NcclCommunicator::synchronize() {

@@ -37,6 +37,8 @@ class NcclCommunicator final : public Communicator {
   void barrier() override;  // a one-element all_reduce, then synchronize()
   void synchronize() override;
   void set_stream(void* cuda_stream) override { stream_ = static_cast<cudaStream_t>(cuda_stream); }
+  void group_begin() override;
+  void group_end() override;
 
   ncclComm_t nccl_comm() const { return comm_; }
   int device() const { return device_; }

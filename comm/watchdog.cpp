@@ -117,6 +117,19 @@ void WatchedCommunicator::all_to_allv(const void* send, const size_t* send_count
   watched("all_to_allv",
           [&] { inner_->all_to_allv(send, send_counts, send_displs, recv, recv_counts, recv_displs, t); });
 }
+void WatchedCommunicator::start_all_to_allv(CommRequest& request, const void* send, const size_t* send_counts,
+                                            const size_t* send_displs, void* recv, const size_t* recv_counts,
+                                            const size_t* recv_displs, DType t) {
+  watched("start_all_to_allv", [&] {
+    inner_->start_all_to_allv(request, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+  });
+}
+void WatchedCommunicator::wait(CommRequest& request) {
+  watched("wait (all_to_allv)", [&] { inner_->wait(request); });
+}
+void WatchedCommunicator::group_end() {
+  watched("group_end", [&] { inner_->group_end(); });
+}
 void WatchedCommunicator::all_reduce(const void* send, void* recv, size_t count, DType t, ReduceOp op) {
   watched("all_reduce", [&] { inner_->all_reduce(send, recv, count, t, op); });
 }

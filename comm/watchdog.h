@@ -101,6 +101,13 @@ class WatchedCommunicator final : public Communicator {
   void barrier() override;
   void synchronize() override;
   void set_stream(void* cuda_stream) override { inner_->set_stream(cuda_stream); }
+  void group_begin() override { inner_->group_begin(); }
+  void group_end() override;
+  // the nonblocking all_to_allv of the wrapped communicator (the watchdog times start and wait)
+  std::unique_ptr<CommRequest> make_request() override { return inner_->make_request(); }
+  void start_all_to_allv(CommRequest& request, const void* send, const size_t* send_counts, const size_t* send_displs,
+                         void* recv, const size_t* recv_counts, const size_t* recv_displs, DType t) override;
+  void wait(CommRequest& request) override;
 
   Communicator& inner() { return *inner_; }
 

@@ -156,9 +156,17 @@ void OverlappedGradientAllReduce::after_backward(int l) {
   // layer l's slice of each of the 12 stacked fp32 gradient tensors [L, ...] -> [...], in place
   const LayerTensors g = model_.layer_grads(l);
   // on the comm stream after layer l's backward kernels (enqueued: this hook follows them)
+  // the 12 all-reduces as one group: a single NCCL launch
   comm_->run(world_, /*done=*/-1, [&] {
-    for (const Tensor& t : g.t)
-      if (t.numel() > 0) world_.all_reduce(t.data, t.data, size_t(t.numel()), DType::f32, ReduceOp::sum);
+    world_.group_begin();
+    try {
+      for (const Tensor& t : g.t)
+        if (t.numel() > 0) world_.all_reduce(t.data, t.data, size_t(t.numel()), DType::f32, ReduceOp::sum);
+    } catch (...) {
+      world_.group_end();
+      throw;
+    }
+    world_.group_end();
   });
   ++layers_reduced_;
 }

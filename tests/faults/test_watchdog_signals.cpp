@@ -10,6 +10,7 @@
 #include <chrono>
 #include <mutex>
 #include <thread>
+#include <typeinfo>
 #include <vector>
 
 #include "comm/groups.h"
@@ -92,6 +93,21 @@ TEST_CASE("a watched communicator forwards results and byte counters", "[faults]
   for (int i = 0; i < n; ++i) CHECK(recv[size_t(i * 3 + 2)] == i * 100 + r * 10 + 2);
   // bytes that left this rank: (n - 1) blocks of 3 int32
   CHECK(world.counters().bytes_sent[size_t(Collective::all_to_all)] == uint64_t(n - 1) * 12);
+  // the nonblocking all_to_allv reaches the wrapped MPI communicator (MPI_Ialltoallv): its
+  // request is the wrapped one's, started and waited through the wrapper, counted the same
+  std::vector<size_t> counts(static_cast<size_t>(n), 3), displs(static_cast<size_t>(n));
+  for (int j = 0; j < n; ++j) displs[size_t(j)] = size_t(j) * 3;
+  std::fill(recv.begin(), recv.end(), -1);
+  std::unique_ptr<CommRequest> request = world.make_request();
+  const CommRequest& made = *request;
+  REQUIRE(typeid(made) != typeid(CommRequest));  // the MPI backend's own kind
+  world.start_all_to_allv(*request, send.data(), counts.data(), displs.data(), recv.data(), counts.data(),
+                          displs.data(), DType::i32);
+  CHECK(request->in_flight);
+  world.wait(*request);
+  CHECK_FALSE(request->in_flight);
+  for (int i = 0; i < n; ++i) CHECK(recv[size_t(i * 3 + 2)] == i * 100 + r * 10 + 2);
+  CHECK(world.counters().bytes_sent[size_t(Collective::all_to_all)] == uint64_t(n - 1) * 24);
   world.counters().reset();
   world.barrier();
   CHECK(world.counters().total_bytes_sent() == 0);
