@@ -16,6 +16,14 @@ const char* collective_name(Collective c) {
   return "?";
 }
 
+void CommCounters::take(CommCounters& other) {
+  for (size_t c = 0; c < bytes_sent.size(); ++c) {
+    bytes_sent[c] += other.bytes_sent[c];
+    calls[c] += other.calls[c];
+  }
+  other.reset();
+}
+
 uint64_t CommCounters::total_bytes_sent() const {
   uint64_t total = 0;
   for (uint64_t b : bytes_sent) total += b;

@@ -31,6 +31,9 @@ struct CommCounters {
   std::array<uint64_t, size_t(Collective::count)> calls{};
   uint64_t total_bytes_sent() const;
   void reset() { *this = CommCounters{}; }
+  // adds `other`'s counts to these and resets `other` (a wrapping communicator takes the wrapped
+  // one's counts after each call: comm/staged_communicator, comm/watchdog)
+  void take(CommCounters& other);
 };
 
 // A nonblocking all_to_allv in flight (start_all_to_allv .. wait). Made once by make_request()

@@ -15,8 +15,7 @@ using comm_detail::at;
 
 StagedCommunicator::StagedCommunicator(std::unique_ptr<Communicator> host_comm)
     : Communicator(host_comm->name(), host_comm->rank(), host_comm->size()), inner_(std::move(host_comm)) {
-  counters_ = inner_->counters();
-  inner_->counters().reset();
+  counters_.take(inner_->counters());
 }
 
 StagedCommunicator::~StagedCommunicator() {
@@ -63,14 +62,7 @@ void StagedCommunicator::wait(const char* collective) {
   check(cudaStreamSynchronize(stream_), collective, "cudaStreamSynchronize");
 }
 
-void StagedCommunicator::take_counts() {
-  CommCounters& in = inner_->counters();
-  for (size_t c = 0; c < in.bytes_sent.size(); ++c) {
-    counters_.bytes_sent[c] += in.bytes_sent[c];
-    counters_.calls[c] += in.calls[c];
-  }
-  in.reset();
-}
+void StagedCommunicator::take_counts() { counters_.take(inner_->counters()); }
 
 void StagedCommunicator::all_to_all(const void* send, void* recv, size_t count_per_peer, DType t) {
   const char* what = "all_to_all";

@@ -87,8 +87,7 @@ void Watchdog::run() {
 
 WatchedCommunicator::WatchedCommunicator(std::unique_ptr<Communicator> inner, Watchdog& watchdog)
     : Communicator(inner->name(), inner->rank(), inner->size()), inner_(std::move(inner)), watchdog_(watchdog) {
-  counters_ = inner_->counters();
-  inner_->counters().reset();
+  counters_.take(inner_->counters());
 }
 
 template <typename Fn>
@@ -100,13 +99,7 @@ void WatchedCommunicator::watched(const char* collective, Fn&& fn) {
   } leave{watchdog_};
   watchdog_.enter(collective, name_.c_str());
   fn();
-  // move the wrapped communicator's byte counts here (a few integer adds)
-  CommCounters& in = inner_->counters();
-  for (size_t c = 0; c < in.bytes_sent.size(); ++c) {
-    counters_.bytes_sent[c] += in.bytes_sent[c];
-    counters_.calls[c] += in.calls[c];
-  }
-  in.reset();
+  counters_.take(inner_->counters());  // the wrapped communicator's byte counts, here (a few adds)
 }
 
 void WatchedCommunicator::all_to_all(const void* send, void* recv, size_t count_per_peer, DType t) {
