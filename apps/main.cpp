@@ -22,6 +22,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdio>
 #include <exception>
@@ -122,9 +123,11 @@ int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRu
   std::optional<Config> cfg = load_config_everywhere(o, mpi);
   if (!cfg) return kExitUserError;
   if (o.print_config) {
-    if (mpi.world_rank == 0) fmt::print("{}", to_yaml(*cfg));
+    if (mpi.world_rank == 0) fmt::print("{}", to_yaml(*cfg));  // the notes are comments there
     return 0;
   }
+  if (mpi.world_rank == 0)
+    for (const std::string& note : cfg->notes) spdlog::warn("config: {}", note);
   try {
     if (name == "train") return run_train(*cfg, mpi);
     if (name == "check") return run_comm_check(*cfg, mpi);
@@ -200,7 +203,8 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
   ConfigOptions bench_opts;
   BenchOptions bench;
   CLI::App* bench_cmd = app.add_subcommand(
-      "bench", "Time one training step of the configured model (forward, backward, all-reduce, optimizer)");
+      "bench", "Time one training step of the configured model on random tokens (forward, backward, all-reduce, "
+                "optimizer); the data and checkpoint keys are not read");
   add_config_options(bench_cmd, bench_opts);
   bench_cmd->add_option("--warmup", bench.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   bench_cmd->add_option("--repeat", bench.repeat, "Timed steps (the median is reported)")

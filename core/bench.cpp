@@ -107,6 +107,10 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   if (!opts.csv.empty() && mpi.world_rank == 0) csv_is_new(opts.csv);  // a mismatched file fails now, not after timing
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
+  if (mpi.world_rank == 0)
+    for (const std::string& note : inert_at_start(cfg, device == Device::cuda, plan.backend == CommBackend::nccl,
+                                                  mpi.world_size))
+      spdlog::warn("config: {}", note);
   if (cfg.runtime.threads > 0) {
     omp_set_num_threads(cfg.runtime.threads);
   } else {

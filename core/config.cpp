@@ -39,8 +39,8 @@ static const char* const kEmbeddedDefault = R"yaml(# tiny: the embedded default 
 # A 4-layer, 128-wide byte-level GPT (about 0.86M parameters) on synthetic data: no files needed,
 # 150 steps in about a minute on 2 CPU cores. Synthetic tokens are random, so the loss stays near
 # ln(256) = 5.55: it checks the plumbing. To learn something, `ulysses prepare` a text file and
-# --set data.source=shards --set data.train=<dir>/data_train_*.bin. Keys not given here take the
-# defaults listed in docs/configs.md.
+# --set data.train=<dir>/data_train_*.bin (files given and no data.source of your own: shards are
+# read). Keys not given here take the defaults listed in docs/configs.md.
 model:
   n_layer: 4
   n_embd: 128
@@ -476,12 +476,126 @@ void assign(const Field& f, const YAML::Node& n, const std::string& where, Confi
 }
 
 // ----------------------------------------------------------------------------------------------
+// Keys without effect
+//
+// A key whose effect another key switches off (data.train under data.source: synthetic,
+// rope_theta with learned positions, ...). Left at its default such a key is harmless; set to
+// anything else it would be silently ignored, so the loader refuses it, naming both keys and the
+// fix. One exception keeps overrides practical: when the key that switches it off was set by a
+// later --set than the key itself (`--config gpt2-124m.yaml --set train.sample_tokens=0` makes
+// the file's data.tokenizer_dir moot), the later word wins and the loader only notes it
+// (Config::notes, logged on rank 0 at start-up). Settings whose effect depends on the device or
+// the world size are checked when the job starts (inert_at_start, below).
+
+std::string format_value(const Field& f, const Config& c);
+
+bool resume_names_checkpoint(const Config& c) {
+  return !c.checkpoint.resume.empty() && c.checkpoint.resume != "auto";
+}
+bool has_validation(const Config& c) { return c.data.source == "synthetic" || !c.data.val.empty(); }
+int sequence_degree(const Config& c) {
+  return c.parallel.emulate_sequence > 1 ? c.parallel.emulate_sequence : c.parallel.sequence;
+}
+
+struct InertRule {
+  const char* key;     // the key that would have no effect
+  const char* cause;   // the key whose value switches it off
+  bool (*inert)(const Config&);
+  const char* why;     // why, given the cause's value ("{}" is that value)
+  const char* fix;
+};
+
+const std::vector<InertRule>& inert_rules() {
+  static const std::vector<InertRule> rules = {
+      {"model.rope_theta", "model.position_embedding", [](const Config& c) { return !c.model.rope(); },
+       "model.position_embedding is '{}' (rope_theta is the rotary base)",
+       "set model.position_embedding: rope, or drop model.rope_theta"},
+      {"model.init_std", "checkpoint.init_from", [](const Config& c) { return !c.checkpoint.init_from.empty(); },
+       "checkpoint.init_from is '{}' (the weights come from that file)",
+       "drop model.init_std, or drop checkpoint.init_from to initialise from the seed"},
+      {"model.init_std", "checkpoint.resume", resume_names_checkpoint,
+       "checkpoint.resume is '{}' (the weights come from that checkpoint)",
+       "drop model.init_std, or use checkpoint.resume: auto"},
+      {"train.min_lr_ratio", "train.lr_schedule", [](const Config& c) { return c.train.lr_schedule == "constant"; },
+       "train.lr_schedule is '{}' (the learning rate never decays)",
+       "set train.lr_schedule: cosine or linear, or drop train.min_lr_ratio"},
+      {"train.sample_temperature", "train.sample_tokens", [](const Config& c) { return c.train.sample_tokens == 0; },
+       "train.sample_tokens is {} (no sample is generated)",
+       "set train.sample_tokens > 0, or drop train.sample_temperature"},
+      {"train.eval_interval", "data.val", [](const Config& c) { return !has_validation(c); },
+       "data.val lists no validation shards (no validation pass runs)",
+       "list validation shards in data.val, or drop train.eval_interval"},
+      {"train.eval_steps", "data.val", [](const Config& c) { return !has_validation(c); },
+       "data.val lists no validation shards (no validation pass runs)",
+       "list validation shards in data.val, or drop train.eval_steps"},
+      {"train.eval_interval", "train.eval_steps", [](const Config& c) { return c.train.eval_steps == 0; },
+       "train.eval_steps is {} (validation is off)",
+       "set train.eval_steps > 0, or drop train.eval_interval"},
+      {"data.train", "data.source", [](const Config& c) { return c.data.source == "synthetic"; },
+       "data.source is '{}' (random tokens; no file is read)",
+       "set data.source: shards, or drop data.train"},
+      {"data.val", "data.source", [](const Config& c) { return c.data.source == "synthetic"; },
+       "data.source is '{}' (random tokens; no file is read)",
+       "set data.source: shards and list data.train too, or drop data.val"},
+      {"data.shuffle", "data.source", [](const Config& c) { return c.data.source == "synthetic"; },
+       "data.source is '{}' (the tokens are random already)",
+       "set data.source: shards, or drop data.shuffle"},
+      {"data.tokenizer", "train.sample_tokens", [](const Config& c) { return c.train.sample_tokens == 0; },
+       "train.sample_tokens is {} (the tokenizer only decodes the sample printed at the end; token "
+       "shards are already tokenized, see `ulysses prepare --tokenizer`)",
+       "set train.sample_tokens > 0, or drop data.tokenizer"},
+      {"data.tokenizer_dir", "data.tokenizer", [](const Config& c) { return c.data.tokenizer != "gpt2"; },
+       "data.tokenizer is '{}' (only gpt2 reads files)",
+       "set data.tokenizer: gpt2, or drop data.tokenizer_dir"},
+      {"data.tokenizer_dir", "train.sample_tokens", [](const Config& c) { return c.train.sample_tokens == 0; },
+       "train.sample_tokens is {} (the tokenizer only decodes the sample printed at the end)",
+       "set train.sample_tokens > 0, or drop data.tokenizer_dir"},
+      {"runtime.attention", "runtime.device", [](const Config& c) { return c.runtime.device == "cpu"; },
+       "runtime.device is '{}' (the CPU runs its fp32 reference attention)",
+       "drop runtime.attention, or set runtime.device: cuda"},
+      {"runtime.all_to_all_chunks", "parallel.sequence", [](const Config& c) { return sequence_degree(c) == 1; },
+       "parallel.sequence is {} (no all-to-all runs without sequence parallelism)",
+       "set parallel.sequence (or parallel.emulate_sequence) > 1, or drop runtime.all_to_all_chunks"},
+      {"runtime.debug_inject_nan_steps", "runtime.debug_inject_nan_step",
+       [](const Config& c) { return c.runtime.debug_inject_nan_step == 0; },
+       "runtime.debug_inject_nan_step is {} (no NaN is injected)",
+       "set runtime.debug_inject_nan_step, or drop runtime.debug_inject_nan_steps"},
+      {"checkpoint.keep_last", "checkpoint.dir", [](const Config& c) { return c.checkpoint.dir.empty(); },
+       "checkpoint.dir is empty (no checkpoint is written)",
+       "set checkpoint.dir, or drop checkpoint.keep_last"},
+      {"checkpoint.init_from", "checkpoint.resume", resume_names_checkpoint,
+       "checkpoint.resume is '{}' (the run continues from that checkpoint)",
+       "drop checkpoint.init_from, or use checkpoint.resume: auto, which starts from init_from while "
+       "checkpoint.dir holds no checkpoint yet"},
+      {"logging.all_ranks", "logging.level",
+       [](const Config& c) { return c.logging.level == "warn" || c.logging.level == "error"; },
+       "logging.level is '{}' (all_ranks concerns info lines and below; every rank prints warnings and errors)",
+       "set logging.level: info, or drop logging.all_ranks"},
+  };
+  return rules;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Loading a document and applying overrides
 
 struct Loader {
   std::string source;                         // the file name, or "<embedded default>"
+  bool embedded = false;                      // the document is the embedded default
   Config config;
   std::map<std::string, std::string> origin;  // key path (or group) -> where it was set
+  // key path -> when it was set: -1 by the embedded default, 0 by the user's file, k by the k-th
+  // --set. Keys absent were not set at all.
+  std::map<std::string, int> order;
+  int overrides_applied = 0;
+
+  bool set_by_user(const std::string& path) const {
+    auto it = order.find(path);
+    return it != order.end() && it->second >= 0;
+  }
+  int set_when(const std::string& path) const {
+    auto it = order.find(path);
+    return it == order.end() ? -2 : it->second;
+  }
 
   std::string at(const YAML::Mark& m) const { return where_of(source, m); }
 
@@ -540,6 +654,7 @@ struct Loader {
         std::string where = at(v.IsNull() || v.Mark().is_null() ? k.Mark() : v.Mark());
         assign(*f, v, where, config);
         origin[path] = where;
+        order[path] = embedded ? -1 : 0;
       }
     }
   }
@@ -573,6 +688,46 @@ struct Loader {
     }
     assign(*f, value, where, config);
     origin[path] = where;
+    order[path] = ++overrides_applied;
+  }
+
+  // Choices the user left to the loader. data.train given without a data.source of the user's own
+  // (e.g. `ulysses train --set data.train=x.bin` over the embedded default, whose source is
+  // synthetic): the files are what the user asked for, so the source is shards.
+  void resolve_choices() {
+    DataConfig& d = config.data;
+    if (d.source == "synthetic" && set_by_user("data.train") && !set_by_user("data.source")) {
+      d.source = "shards";
+      config.notes.push_back(fmt::format(
+          "data.source: shards, since data.train is set ({}) and data.source was not (the {} says synthetic)",
+          origin.at("data.train"), embedded ? "embedded default" : "default"));
+    }
+  }
+
+  // Keys set to something other than their default while another key makes them meaningless
+  // (inert_rules, above): an error, or a note when the other key's --set came later.
+  void check_inert() {
+    static const Config defaults;
+    for (const InertRule& r : inert_rules()) {
+      if (!r.inert(config)) continue;
+      const Field& key = *find_field(r.key);
+      if (format_value(key, config) == format_value(key, defaults)) continue;
+      // The embedded default's own settings count as defaults: `--set data.train=x.bin` over it
+      // leaves its eval_interval without validation files, which the user never asked for.
+      if (set_when(r.key) == -1) continue;
+      const Field& cause = *find_field(r.cause);
+      const std::string value = cause.kind == Kind::String && cause.choices.empty()
+                                    ? member<std::string>(cause, config)
+                                    : format_value(cause, config);
+      const std::string why = fmt::format(fmt::runtime(r.why), value);
+      const int key_when = set_when(r.key), cause_when = set_when(r.cause);
+      if (cause_when > 0 && cause_when > key_when) {
+        config.notes.push_back(fmt::format("{}: key '{}' has no effect, because {}, set later by {}",
+                                           where_set({r.key}), r.key, why, origin.at(r.cause)));
+        continue;
+      }
+      throw_user_error("{}: key '{}' has no effect, because {}: {}", where_set({r.key}), r.key, why, r.fix);
+    }
   }
 
   // Checks across keys, once everything is loaded. The location is the most specific key that
@@ -741,12 +896,15 @@ std::string format_value(const Field& f, const Config& c) {
 }
 
 Config load(const std::string& yaml, const std::string& source,
-            const std::vector<std::string>& overrides) {
+            const std::vector<std::string>& overrides, bool embedded = false) {
   Loader loader;
   loader.source = source;
+  loader.embedded = embedded;
   loader.load_document(yaml);
   for (const std::string& o : overrides) loader.apply_override(o);
+  loader.resolve_choices();
   loader.check_conflicts();
+  loader.check_inert();
   loader.config.source = source;
   return std::move(loader.config);
 }
@@ -759,7 +917,7 @@ Config load_config_string(const std::string& yaml, const std::string& source,
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  if (path.empty()) return load(kEmbeddedDefault, "<embedded default>", overrides);
+  if (path.empty()) return load(kEmbeddedDefault, "<embedded default>", overrides, /*embedded=*/true);
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
     throw_user_error("{}: is a directory, expected a YAML config file", path);
@@ -801,10 +959,34 @@ void validate_for_world(const Config& c, int world_size) {
   }
 }
 
+std::vector<std::string> inert_at_start(const Config& c, bool cuda, bool nccl, int world_size) {
+  std::vector<std::string> notes;
+  const RuntimeConfig& r = c.runtime;
+  if (!cuda && r.attention != "auto")
+    notes.push_back(fmt::format("runtime.attention '{}' has no effect: the job runs on the CPU (runtime.device {}), "
+                                "whose attention is the fp32 reference",
+                                r.attention, r.device));
+  if (world_size == 1 && c.parallel.zero_stage > 0)
+    notes.push_back(fmt::format("parallel.zero_stage {} saves no memory on 1 rank: each shard is the whole buffer",
+                                c.parallel.zero_stage));
+  if (cuda && !nccl && r.overlap_comm)
+    notes.push_back("runtime.overlap_comm has no effect on the staged MPI backend (ranks sharing a GPU, or "
+                    "parallel.backend: mpi): each collective blocks the host, so nothing overlaps");
+  if (cuda && !nccl && r.all_to_all_chunks > 1 && sequence_degree(c) > 1)
+    notes.push_back(fmt::format("runtime.all_to_all_chunks {} overlaps nothing on the staged MPI backend: each "
+                                "chunk's exchange blocks the host (the results are the same)",
+                                r.all_to_all_chunks));
+  return notes;
+}
+
 std::string to_yaml(const Config& c) {
   std::string source = c.source.empty() ? "<unknown>" : c.source;
   std::replace(source.begin(), source.end(), '\n', ' ');  // keep the comment on one line
   std::string out = fmt::format("# ulysses config, fully resolved from {}\n", source);
+  for (std::string note : c.notes) {
+    std::replace(note.begin(), note.end(), '\n', ' ');
+    out += "# note: " + note + "\n";
+  }
   std::string group;
   for (const Field& f : config_fields()) {
     if (f.group() != group) {

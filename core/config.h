@@ -108,6 +108,10 @@ struct Config {
   CheckpointConfig checkpoint;
   LoggingConfig logging;
   std::string source;              // where it came from: a path, or "<embedded default>"
+  // What the loader decided or let pass that the user should hear about: a source it chose, a key
+  // made moot by a later --set (docs/configs.md, "Keys without effect"). Rank 0 logs them as
+  // warnings at start-up; not part of the YAML.
+  std::vector<std::string> notes;
 };
 
 // runtime.attention on cuda: cudnn, or auto with a head_dim the flash kernels do not take
@@ -126,6 +130,11 @@ Config load_config_string(const std::string& yaml, const std::string& source,
                           const std::vector<std::string>& overrides = {});
 // Checks that need the world size: P divides it, DP×SP layout, batch arithmetic.
 void validate_for_world(const Config& c, int world_size);
+// Settings that the device and backend the job got, or its world size, make moot (runtime.attention
+// when auto chose the CPU, ZeRO on one rank, overlap on the blocking staged MPI backend): one
+// line each, for rank 0 to log as a warning at start-up. `cuda`: the model runs on GPUs; `nccl`:
+// the collectives are NCCL's (else MPI, staged through host memory on cuda).
+std::vector<std::string> inert_at_start(const Config& c, bool cuda, bool nccl, int world_size);
 // The fully resolved config as YAML; load_config_string(to_yaml(c)) gives back c.
 std::string to_yaml(const Config& c);
 

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -315,6 +316,20 @@ void DataLoader::next(int32_t* tokens, int32_t* targets, int32_t* positions) {
 }
 
 void DataLoader::reset() { state_ = DataState{}; }
+
+std::string DataLoader::describe() const {
+  const Impl& m = *impl_;
+  if (m.synthetic)
+    return fmt::format("synthetic (data.source: synthetic): random tokens in [0, {}), no files read; the loss "
+                       "stays near ln({}) = {:.2f}",
+                       m.vocab_size, m.vocab_size, std::log(double(m.vocab_size)));
+  const std::string files = m.shards.size() == 1
+                                ? m.shards.front()->path()
+                                : fmt::format("{} .. {}", m.shards.front()->path(), m.shards.back()->path());
+  return fmt::format("{} shard{} ({}), {} tokens, {} sequences of {} tokens{}", m.shards.size(),
+                     m.shards.size() == 1 ? "" : "s", files, total_tokens(), num_sequences_, m.N,
+                     m.shuffle ? ", shuffled each epoch" : "");
+}
 
 int64_t DataLoader::total_tokens() const {
   if (impl_->synthetic) return num_sequences_ * (impl_->N + 1);

@@ -77,6 +77,8 @@ class DataLoader {
   void restore(const DataState& s) { state_ = s; }
   int64_t sequences_per_epoch() const { return num_sequences_; }
   int64_t total_tokens() const;
+  // One line for the start-up log: the files and token counts, or that the tokens are synthetic.
+  std::string describe() const;
 
  private:
   struct Impl;

@@ -168,6 +168,10 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
   omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
+  if (mpi.world_rank == 0)
+    for (const std::string& note : inert_at_start(cfg, device == Device::cuda, plan.backend == CommBackend::nccl,
+                                                  mpi.world_size))
+      spdlog::warn("config: {}", note);
   // Refused before the groups are built (NCCL's set-up takes seconds); every rank decides alike
   // from the config and the agreed device, so the error is reported once, not per rank.
   if (cfg.parallel.emulate_sequence > 1)
@@ -259,6 +263,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   std::unique_ptr<DataLoader> val_data;
   if (cfg.data.source == "synthetic" || !cfg.data.val.empty())
     val_data = std::make_unique<DataLoader>(cfg.data, "val", B, N, slice, cfg.train.seed + 7, cfg.model.vocab_size);
+  spdlog::info("data: train: {}", train_data.describe());
+  spdlog::info("data: val: {}", val_data ? val_data->describe() : std::string("none (data.val is empty): no validation loss"));
 
   // -- initial state: a checkpoint, or GPT-2 init from the seed (identical on every rank)
   TrainState state;

@@ -178,6 +178,9 @@ void make_fixtures(const fs::path& w) {
   cfg("zero_stage.yaml", "parallel:\n  zero_stage: 7\n");
   cfg("enum.yaml", "model:\n  position_embedding: sinusoidal\n");
   cfg("heads.yaml", "model:\n  n_embd: 30\n  n_head: 4\n");
+  cfg("moot_train.yaml", "data:\n  source: synthetic\n  train: [x.bin]\n");
+  cfg("moot_rope_theta.yaml", "data:\n  source: synthetic\nmodel:\n  rope_theta: 500000\n");
+  cfg("moot_keep_last.yaml", "data:\n  source: synthetic\ncheckpoint:\n  keep_last: 1\n");
   cfg("seq_len.yaml", "model:\n  max_seq_len: 64\ntrain:\n  seq_len: 128\n");
   cfg("interval.yaml", "data:\n  source: synthetic\ncheckpoint:\n  interval: 5\n");
   cfg("duplicate.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n");
@@ -359,6 +362,41 @@ std::vector<Case> cases() {
   c.push_back({"cli: mpirun -np 2, sequence 4", train({"parallel.sequence=4", synth}), 2,
                "key 'parallel.sequence' (4) must divide the world size (2 ranks)", false, 0, 2});
   c.push_back({"cli: mpirun -np 2, unknown key", train({"train.lrr=1"}), 2, "unknown key 'train.lrr'", false, 0, 2});
+  // keys that another key makes moot (docs/configs.md, "Keys without effect")
+  add("moot: data.train under data.source synthetic (file)", cfg("moot_train.yaml"), 2,
+      "@W/cfg/moot_train.yaml:3:10: key 'data.train' has no effect, because data.source is 'synthetic' (random "
+      "tokens; no file is read): set data.source: shards, or drop data.train");
+  add("moot: data.train after --set data.source=synthetic", train({synth, "data.train=@W/x.bin"}), 2,
+      "--set data.train=@W/x.bin: key 'data.train' has no effect, because data.source is 'synthetic'");
+  add("moot: data.val alone over the synthetic default", train({"data.val=@W/x.bin"}), 2,
+      "key 'data.val' has no effect, because data.source is 'synthetic' (random tokens; no file is read): set "
+      "data.source: shards and list data.train too, or drop data.val");
+  add("moot: data.shuffle with synthetic tokens", train({synth, "data.shuffle=true"}), 2,
+      "key 'data.shuffle' has no effect, because data.source is 'synthetic'");
+  add("moot: rope_theta with learned positions", cfg("moot_rope_theta.yaml"), 2,
+      "@W/cfg/moot_rope_theta.yaml:4:15: key 'model.rope_theta' has no effect, because model.position_embedding is "
+      "'learned'");
+  add("moot: keep_last without checkpoint.dir", cfg("moot_keep_last.yaml"), 2,
+      "key 'checkpoint.keep_last' has no effect, because checkpoint.dir is empty");
+  add("moot: min_lr_ratio with a constant schedule", train({"train.lr_schedule=constant", "train.min_lr_ratio=0.5"}), 2,
+      "key 'train.min_lr_ratio' has no effect, because train.lr_schedule is 'constant'");
+  add("moot: sample_temperature without sample_tokens", train({"train.sample_temperature=0.5"}), 2,
+      "key 'train.sample_temperature' has no effect, because train.sample_tokens is 0");
+  add("moot: tokenizer_dir with the byte tokenizer", train({"train.sample_tokens=4", "data.tokenizer_dir=@W"}), 2,
+      "key 'data.tokenizer_dir' has no effect, because data.tokenizer is 'byte'");
+  add("moot: attention on the cpu", train({"runtime.device=cpu", "runtime.attention=flash"}), 2,
+      "key 'runtime.attention' has no effect, because runtime.device is 'cpu'");
+  add("moot: all_to_all_chunks without sequence parallelism", train({"runtime.all_to_all_chunks=2"}), 2,
+      "key 'runtime.all_to_all_chunks' has no effect, because parallel.sequence is 1");
+  add("moot: init_from when resume names a checkpoint",
+      train({"checkpoint.resume=@W/ckpt/step_00000001", "checkpoint.init_from=@W/x.bin"}), 2,
+      "key 'checkpoint.init_from' has no effect, because checkpoint.resume is '@W/ckpt/step_00000001'");
+  add("moot: debug_inject_nan_steps without debug_inject_nan_step", train({"runtime.debug_inject_nan_steps=2"}), 2,
+      "key 'runtime.debug_inject_nan_steps' has no effect, because runtime.debug_inject_nan_step is 0");
+  add("moot: all_ranks at level warn", train({"logging.all_ranks=true"}), 2,  // kTiny sets logging.level=warn
+      "key 'logging.all_ranks' has no effect, because logging.level is 'warn'");
+  c.push_back({"moot: mpirun -np 2, data.train under synthetic", train({synth, "data.train=@W/x.bin"}), 2,
+               "key 'data.train' has no effect", false, 0, 2});
   // token shards
   add("shard: wrong magic", shard("@W/bad_magic.bin"), 2, "@W/bad_magic.bin: not an llm.c token shard: magic is 12345, expected 20240520");
   add("shard: wrong version", shard("@W/bad_version.bin"), 2, "@W/bad_version.bin: unsupported token shard version 9, expected 1");

@@ -146,6 +146,38 @@ else()
            ARGS ${ULYSSES} check --set parallel.backend=nccl)
 endif()
 
+# A new user's first run: files named, no --config and no data.source. The embedded default's
+# synthetic source gives way to the files (with a warning saying so), and the start-up log says
+# where the tokens come from. Then the documented no-ops: warned about, not refused.
+string(REPEAT "the quick brown fox jumps over the lazy dog; a stitch in time saves nine.\n" 600 corpus)
+file(WRITE ${WORK_DIR}/corpus.txt "${corpus}")
+run_case(NAME "prepare a corpus" EXIT 0 ARGS ${ULYSSES} prepare ${WORK_DIR}/corpus.txt --out ${WORK_DIR}/newuser
+         --name corpus --val-fraction 0.1)
+set(small --set model.n_layer=1 --set model.n_embd=32 --set runtime.device=cpu --set runtime.threads=1
+    --set train.max_steps=2 --set train.eval_steps=1)
+run_case(NAME "data.train without --config trains on the files" EXIT 0
+         EXPECT_OUT "config: data.source: shards, since data.train is set (--set data.train="
+         ARGS ${ULYSSES} train ${small} --set "data.train=${WORK_DIR}/newuser/corpus_train_*.bin"
+         --set "data.val=${WORK_DIR}/newuser/corpus_val_*.bin")
+foreach(expected "data: train: 1 shard (${WORK_DIR}/newuser/corpus_train_000000.bin), "
+                 "data: val: 1 shard (${WORK_DIR}/newuser/corpus_val_000000.bin), ")
+  string(FIND "${last_out}" "${expected}" pos)
+  if(pos EQUAL -1)
+    message("FAIL data.train without --config: the log lacks '${expected}':\n${last_out}")
+    math(EXPR failures "${failures} + 1")
+  endif()
+endforeach()
+# (no square bracket in the expected text: CMake's lists would swallow the arguments after it)
+run_case(NAME "synthetic data is named in the log" EXIT 0
+         EXPECT_OUT "256), no files read; the loss stays near ln(256) = 5.55"
+         ARGS ${ULYSSES} train ${small})
+run_case(NAME "a no-op the device decides is a warning" EXIT 0
+         EXPECT_OUT "config: runtime.attention 'flash' has no effect: the job runs on the CPU (runtime.device auto)"
+         ARGS ${ULYSSES} train ${small} --set runtime.device=auto --set runtime.attention=flash)
+run_case(NAME "data.train under an explicit synthetic source is refused" EXIT 2
+         EXPECT_ERR "key 'data.train' has no effect, because data.source is 'synthetic' (random tokens; no file is read): set data.source: shards, or drop data.train"
+         ARGS ${ULYSSES} train ${small} --set data.source=synthetic --set "data.train=${WORK_DIR}/newuser/corpus_train_*.bin")
+
 # ulysses bench --csv (on the cpu): the header ends with peak_gpu_gib (empty on cpu), every row has
 # the header's column count, a second run appends under the same header, and a file with another
 # header is refused before anything runs (exit 2, naming --csv).

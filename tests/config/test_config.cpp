@@ -110,7 +110,8 @@ void require_same(const Config& a, const Config& b) {
 }
 
 // Every key set to a value different from its default (except parallel.emulate_sequence, which
-// cannot be combined with parallel.sequence > 1; the conflict tests cover it).
+// cannot be combined with parallel.sequence > 1, the conflict tests cover it; and model.init_std,
+// which checkpoint.init_from makes moot, checked on its own).
 const char* kEveryKey = R"(model:
   n_layer: 3
   n_embd: 96
@@ -120,7 +121,6 @@ const char* kEveryKey = R"(model:
   max_seq_len: 512
   position_embedding: rope
   rope_theta: 500000.0
-  init_std: 0.015
 parallel:
   sequence: 3
   emulate_sequence: 0
@@ -190,7 +190,7 @@ TEST_CASE("every key loads into its field", "[config]") {
   CHECK(c.model.max_seq_len == 512);
   CHECK(c.model.position_embedding == "rope");
   CHECK(c.model.rope_theta == 500000.0);
-  CHECK(c.model.init_std == 0.015);
+  CHECK(load_config_string(kSynthetic + "model:\n  init_std: 0.015\n", "t.yaml").model.init_std == 0.015);
   CHECK(c.parallel.sequence == 3);
   CHECK(c.parallel.emulate_sequence == 0);
   CHECK(c.parallel.zero_stage == 2);
@@ -481,8 +481,9 @@ TEST_CASE("conflicts between keys", "[config][errors]") {
     CHECK_THROWS_WITH(load_config_string(d + "train:\n  seq_len: 64\nparallel:\n  emulate_sequence: 4\n", "t.yaml",
                                          {"runtime.all_to_all_chunks=17"}),
                       Catch::Contains("parallel.emulate_sequence") && Catch::Contains("the 16 local tokens"));
-    // P = 1: no all-to-all, so any K >= 1 is accepted and ignored
-    CHECK(load_config_string(d, "t.yaml", {"runtime.all_to_all_chunks=1000"}).runtime.all_to_all_chunks == 1000);
+    // P = 1: no all-to-all, so K > 1 would be ignored: refused (keys without effect, below)
+    CHECK_THROWS_WITH(load_config_string(d, "t.yaml", {"runtime.all_to_all_chunks=1000"}),
+                      Catch::Contains("key 'runtime.all_to_all_chunks' has no effect"));
   }
   CHECK(load_error(d + "checkpoint:\n  interval: 100\n") ==
         "test.yaml:4:13: key 'checkpoint.interval' (100) needs checkpoint.dir, the directory "
@@ -491,9 +492,174 @@ TEST_CASE("conflicts between keys", "[config][errors]") {
             .rfind("test.yaml:4:11: checkpoint.resume 'auto' resumes from the newest", 0) == 0);
 }
 
+TEST_CASE("data files under the synthetic default: shards taken, or an error naming both keys", "[config][inert]") {
+  // No --config: the embedded default says synthetic, the user names files and not the source.
+  Config c = load_config("", {"data.train=my.bin", "data.val=my_val.bin"});
+  CHECK(c.data.source == "shards");
+  CHECK(c.data.train == std::vector<std::string>{"my.bin"});
+  REQUIRE(c.notes.size() == 1);
+  CHECK(c.notes[0] == "data.source: shards, since data.train is set (--set data.train=my.bin) and data.source was "
+                      "not (the embedded default says synthetic)");
+  // --print-config shows the choice as a comment, and its output reloads to the same config.
+  const std::string yaml = to_yaml(c);
+  CHECK(yaml.find("\n# note: data.source: shards, since data.train is set") != std::string::npos);
+  require_same(load_config_string(yaml, "printed.yaml"), c);
+  CHECK(load_config_string(yaml, "printed.yaml").notes.empty());
+  // The embedded default's eval_interval has no validation files then: a default, so no error.
+  CHECK(load_config("", {"data.train=my.bin"}).train.eval_interval == 50);
+  CHECK(load_config("", {"data.train=my.bin"}).notes.size() == 1);
+  // Without data.train there is nothing to decide: the default stays synthetic, no note.
+  CHECK(load_config("").data.source == "synthetic");
+  CHECK(load_config("").notes.empty());
+  // data.val alone under the synthetic default: no files to train on, so an error.
+  CHECK_THROWS_WITH(load_config("", {"data.val=v.bin"}),
+                    Catch::Equals("--set data.val=v.bin: key 'data.val' has no effect, because data.source is "
+                                  "'synthetic' (random tokens; no file is read): set data.source: shards and "
+                                  "list data.train too, or drop data.val"));
+  // The user said synthetic themselves (in their file, or by --set before the files): an error.
+  CHECK(load_error(kSynthetic + "  train: [a.bin]\n") ==
+        "test.yaml:3:10: key 'data.train' has no effect, because data.source is 'synthetic' (random tokens; no "
+        "file is read): set data.source: shards, or drop data.train");
+  CHECK(load_error(kSynthetic, {"data.train=a.bin"}) ==
+        "--set data.train=a.bin: key 'data.train' has no effect, because data.source is 'synthetic' (random "
+        "tokens; no file is read): set data.source: shards, or drop data.train");
+  CHECK_THROWS_WITH(load_config("", {"data.source=synthetic", "data.train=a.bin"}),
+                    Catch::Contains("key 'data.train' has no effect"));
+  // A later --set of the source over a file's shards: the later word wins, with a note.
+  Config later = load_config_string("data:\n  train: [a.bin]\n  val: [b.bin]\n  shuffle: true\n", "run.yaml",
+                                    {"data.source=synthetic"});
+  CHECK(later.data.source == "synthetic");
+  REQUIRE(later.notes.size() == 3);
+  CHECK(later.notes[0] == "run.yaml:2:10: key 'data.train' has no effect, because data.source is 'synthetic' "
+                          "(random tokens; no file is read), set later by --set data.source=synthetic");
+  CHECK(later.notes[1].rfind("run.yaml:3:8: key 'data.val' has no effect", 0) == 0);
+  CHECK(later.notes[2].rfind("run.yaml:4:12: key 'data.shuffle' has no effect", 0) == 0);
+  // and shards with files, the ordinary case, loads with no note
+  CHECK(load_config_string("data:\n  train: [a.bin]\n", "t.yaml").notes.empty());
+}
+
+TEST_CASE("keys without effect: an error naming both keys and the fix", "[config][inert]") {
+  const std::string d = kSynthetic;
+  struct Row {
+    std::string yaml;      // appended to d
+    std::string message;   // the whole error
+  };
+  const std::vector<Row> rows = {
+      {"model:\n  rope_theta: 5000\n",
+       "test.yaml:4:15: key 'model.rope_theta' has no effect, because model.position_embedding is 'learned' (rope_theta "
+       "is the rotary base): set model.position_embedding: rope, or drop model.rope_theta"},
+      {"model:\n  init_std: 0.01\ncheckpoint:\n  init_from: g.bin\n",
+       "test.yaml:4:13: key 'model.init_std' has no effect, because checkpoint.init_from is 'g.bin' (the weights come "
+       "from that file): drop model.init_std, or drop checkpoint.init_from to initialise from the seed"},
+      {"model:\n  init_std: 0.01\ncheckpoint:\n  resume: ck/step_1\n",
+       "test.yaml:4:13: key 'model.init_std' has no effect, because checkpoint.resume is 'ck/step_1' (the weights come "
+       "from that checkpoint): drop model.init_std, or use checkpoint.resume: auto"},
+      {"train:\n  lr_schedule: constant\n  min_lr_ratio: 0.5\n",
+       "test.yaml:5:17: key 'train.min_lr_ratio' has no effect, because train.lr_schedule is 'constant' (the learning "
+       "rate never decays): set train.lr_schedule: cosine or linear, or drop train.min_lr_ratio"},
+      {"train:\n  sample_temperature: 0.5\n",
+       "test.yaml:4:23: key 'train.sample_temperature' has no effect, because train.sample_tokens is 0 (no sample is "
+       "generated): set train.sample_tokens > 0, or drop train.sample_temperature"},
+      {"train:\n  eval_steps: 0\n  eval_interval: 5\n",
+       "test.yaml:5:18: key 'train.eval_interval' has no effect, because train.eval_steps is 0 (validation is off): "
+       "set train.eval_steps > 0, or drop train.eval_interval"},
+      {"  shuffle: true\n",
+       "test.yaml:3:12: key 'data.shuffle' has no effect, because data.source is 'synthetic' (the tokens are random "
+       "already): set data.source: shards, or drop data.shuffle"},
+      {"  tokenizer: gpt2\n",
+       "test.yaml:3:14: key 'data.tokenizer' has no effect, because train.sample_tokens is 0 (the tokenizer only "
+       "decodes the sample printed at the end; token shards are already tokenized, see `ulysses prepare "
+       "--tokenizer`): set train.sample_tokens > 0, or drop data.tokenizer"},
+      {"  tokenizer_dir: tok\ntrain:\n  sample_tokens: 5\n",
+       "test.yaml:3:18: key 'data.tokenizer_dir' has no effect, because data.tokenizer is 'byte' (only gpt2 reads "
+       "files): set data.tokenizer: gpt2, or drop data.tokenizer_dir"},
+      {"runtime:\n  device: cpu\n  attention: flash\n",
+       "test.yaml:5:14: key 'runtime.attention' has no effect, because runtime.device is 'cpu' (the CPU runs its fp32 "
+       "reference attention): drop runtime.attention, or set runtime.device: cuda"},
+      {"runtime:\n  all_to_all_chunks: 4\n",
+       "test.yaml:4:22: key 'runtime.all_to_all_chunks' has no effect, because parallel.sequence is 1 (no all-to-all "
+       "runs without sequence parallelism): set parallel.sequence (or parallel.emulate_sequence) > 1, or drop "
+       "runtime.all_to_all_chunks"},
+      {"runtime:\n  debug_inject_nan_steps: 3\n",
+       "test.yaml:4:27: key 'runtime.debug_inject_nan_steps' has no effect, because runtime.debug_inject_nan_step is "
+       "0 (no NaN is injected): set runtime.debug_inject_nan_step, or drop runtime.debug_inject_nan_steps"},
+      {"checkpoint:\n  keep_last: 9\n",
+       "test.yaml:4:14: key 'checkpoint.keep_last' has no effect, because checkpoint.dir is empty (no checkpoint is "
+       "written): set checkpoint.dir, or drop checkpoint.keep_last"},
+      {"checkpoint:\n  dir: ck\n  resume: ck/step_1\n  init_from: g.bin\n",
+       "test.yaml:6:14: key 'checkpoint.init_from' has no effect, because checkpoint.resume is 'ck/step_1' (the run "
+       "continues from that checkpoint): drop checkpoint.init_from, or use checkpoint.resume: auto, which starts "
+       "from init_from while checkpoint.dir holds no checkpoint yet"},
+      {"logging:\n  level: warn\n  all_ranks: true\n",
+       "test.yaml:5:14: key 'logging.all_ranks' has no effect, because logging.level is 'warn' (all_ranks concerns "
+       "info lines and below; every rank prints warnings and errors): set logging.level: info, or drop "
+       "logging.all_ranks"},
+  };
+  for (const Row& r : rows) {
+    INFO(r.yaml);
+    CHECK(load_error(d + r.yaml) == r.message);
+  }
+  // shards without validation files: the eval keys have nothing to evaluate
+  CHECK(load_error("data:\n  train: [a.bin]\ntrain:\n  eval_interval: 10\n") ==
+        "test.yaml:4:18: key 'train.eval_interval' has no effect, because data.val lists no validation shards (no "
+        "validation pass runs): list validation shards in data.val, or drop train.eval_interval");
+  CHECK_THROWS_WITH(load_config_string("data:\n  train: [a.bin]\ntrain:\n  eval_steps: 10\n", "t.yaml"),
+                    Catch::Contains("key 'train.eval_steps' has no effect, because data.val lists no validation"));
+
+  // The same keys where they do have an effect load fine.
+  CHECK_NOTHROW(load_config_string(d + "model:\n  position_embedding: rope\n  rope_theta: 5000\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "train:\n  lr_schedule: linear\n  min_lr_ratio: 0.5\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "train:\n  sample_tokens: 4\n  sample_temperature: 0.5\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "train:\n  eval_interval: 5\n  eval_steps: 2\n", "t"));  // synthetic val
+  CHECK_NOTHROW(load_config_string(d + "runtime:\n  device: cuda\n  attention: flash\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "runtime:\n  attention: flash\n", "t"));  // auto: decided at start-up
+  CHECK_NOTHROW(load_config_string(d + "parallel:\n  sequence: 2\nruntime:\n  all_to_all_chunks: 4\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "parallel:\n  emulate_sequence: 2\nruntime:\n  all_to_all_chunks: 4\n", "t"));
+  CHECK_NOTHROW(load_config_string(d + "checkpoint:\n  dir: ck\n  resume: auto\n  init_from: g.bin\n", "t"));
+  // A moot key left at its default value changes nothing, so it passes (print-config prints every key).
+  CHECK_NOTHROW(load_config_string(d + "model:\n  rope_theta: 10000\ncheckpoint:\n  keep_last: 3\n", "t"));
+
+  // A later --set that makes a file's key moot: a note, not an error; an earlier one: an error.
+  Config c = load_config_string(d + "  tokenizer: gpt2\n  tokenizer_dir: tok\ntrain:\n  sample_tokens: 5\n", "run.yaml",
+                                {"train.sample_tokens=0"});
+  REQUIRE(c.notes.size() == 2);
+  CHECK(c.notes[0] == "run.yaml:3:14: key 'data.tokenizer' has no effect, because train.sample_tokens is 0 (the "
+                      "tokenizer only decodes the sample printed at the end; token shards are already tokenized, "
+                      "see `ulysses prepare --tokenizer`), set later by --set train.sample_tokens=0");
+  CHECK(c.notes[1].rfind("run.yaml:4:18: key 'data.tokenizer_dir' has no effect", 0) == 0);
+  CHECK_THROWS_WITH(load_config_string(d, "run.yaml", {"train.sample_tokens=0", "train.sample_temperature=2"}),
+                    Catch::Contains("--set train.sample_temperature=2: key 'train.sample_temperature' has no effect"));
+  CHECK(load_config_string(d, "run.yaml", {"train.sample_temperature=2", "train.sample_tokens=0"}).notes.size() == 1);
+}
+
+TEST_CASE("inert_at_start: settings the device, backend or world size make moot", "[config][inert]") {
+  const Config plain = load_config_string(kSynthetic, "t.yaml");
+  CHECK(inert_at_start(plain, false, false, 1).empty());
+  CHECK(inert_at_start(plain, true, true, 8).empty());
+  const Config flash = load_config_string(kSynthetic + "runtime:\n  attention: flash\n", "t.yaml");
+  CHECK(inert_at_start(flash, true, true, 1).empty());
+  REQUIRE(inert_at_start(flash, false, false, 1).size() == 1);
+  CHECK(inert_at_start(flash, false, false, 1)[0] ==
+        "runtime.attention 'flash' has no effect: the job runs on the CPU (runtime.device auto), whose attention "
+        "is the fp32 reference");
+  const Config zero = load_config_string(kSynthetic + "parallel:\n  zero_stage: 2\n", "t.yaml");
+  CHECK(inert_at_start(zero, false, false, 2).empty());
+  REQUIRE(inert_at_start(zero, false, false, 1).size() == 1);
+  CHECK(inert_at_start(zero, false, false, 1)[0] ==
+        "parallel.zero_stage 2 saves no memory on 1 rank: each shard is the whole buffer");
+  const Config overlap = load_config_string(
+      kSynthetic + "parallel:\n  sequence: 2\nruntime:\n  device: cuda\n  overlap_comm: true\n  all_to_all_chunks: 2\n",
+      "t.yaml");
+  CHECK(inert_at_start(overlap, true, true, 2).empty());
+  const std::vector<std::string> staged = inert_at_start(overlap, true, false, 2);
+  REQUIRE(staged.size() == 2);
+  CHECK(staged[0].rfind("runtime.overlap_comm has no effect on the staged MPI backend", 0) == 0);
+  CHECK(staged[1].rfind("runtime.all_to_all_chunks 2 overlaps nothing on the staged MPI backend", 0) == 0);
+}
+
 TEST_CASE("--set overrides", "[config][set]") {
   Config c = load_config_string(kSynthetic + "train:\n  lr: 0.1\n", "t.yaml",
-                                {"train.lr=3e-4", "model.n_layer=6", "data.train=[a.bin, b.bin]",
+                                {"train.lr=3e-4", "model.n_layer=6", "data.source=shards", "data.train=[a.bin, b.bin]",
                                  "data.shuffle=true", "checkpoint.dir=", "train.seed=42",
                                  "data.val=*.bin", "runtime.device=cpu"});
   CHECK(c.train.lr == 3e-4);
@@ -564,11 +730,14 @@ TEST_CASE("to_yaml round trips exactly", "[config][yaml]") {
   c.model.init_std = 0.02 * (1.0 + 1e-15);
   c.runtime.comm_timeout = 1e300;
   c.checkpoint.dir = "dir with: colon # hash";
-  c.checkpoint.init_from = "yes";
+  c.checkpoint.init_from = "";  // init_std is set, and init_from would make it moot
+  c.data.tokenizer_dir = "yes";
   c.checkpoint.export_llmc = "line\nbreak \"quoted\" back\\slash \t tab";
   c.logging.metrics_file = "12345";
   c.data.train = {"", "- dash", "[bracket]", "ünïcødé"};
   c.data.val = {};
+  c.train.eval_interval = 0;  // without data.val the eval keys are moot, so at their defaults
+  c.train.eval_steps = 4;
   std::string text = to_yaml(c);
   Config back = load_config_string(text, "every.yaml");
   require_same(c, back);

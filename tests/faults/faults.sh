@@ -27,7 +27,7 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # A 2-layer, 32-wide model on synthetic tokens: a few ms per step.
 TINY=(--set model.n_layer=2 --set model.n_embd=32 --set model.n_head=4 --set model.max_seq_len=64
       --set train.seq_len=32 --set train.micro_batch_size=2 --set train.warmup_steps=2
-      --set data.source=synthetic --set data.shuffle=true --set runtime.threads=1)
+      --set data.source=synthetic --set runtime.threads=1)
 # A 4-layer, 256-wide model (3.2M parameters, 38 MB per checkpoint): saves take a while.
 WIDE=(--set model.n_layer=4 --set model.n_embd=256 --set model.n_head=4 --set model.max_seq_len=256
       --set data.source=synthetic --set runtime.threads=1)

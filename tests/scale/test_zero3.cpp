@@ -398,7 +398,7 @@ using namespace ulysses::fault_test;
 Config zero_config(int stage, const std::vector<std::string>& extra) {
   std::vector<std::string> sets = {"model.n_embd=40",          "model.n_head=4",         "model.n_kv_head=2",
                                    "model.position_embedding=rope", "parallel.sequence=2", "train.max_steps=8",
-                                   "train.lr=0.01",            "train.weight_decay=0.1", "data.shuffle=true",
+                                   "train.lr=0.01",            "train.weight_decay=0.1",
                                    "parallel.zero_stage=" + std::to_string(stage)};
   sets.insert(sets.end(), extra.begin(), extra.end());
   return tiny_config(sets);

@@ -55,14 +55,23 @@ using ulysses::test::field_values;  // tests/test_util.h
 TEST_CASE("resuming from a checkpoint continues bit for bit", "[train]") {
   const fs::path dir = fresh_dir("resume");
   const std::string ckpt = (dir / "ckpt").string();
+  // a shuffled token shard (synthetic tokens have no order to shuffle), so the data position and
+  // the epoch's permutation both carry over
+  std::mt19937 rng(11);
+  std::vector<uint16_t> tokens(20000);
+  for (uint16_t& t : tokens) t = uint16_t(rng() % 256);
+  write_token_shard((dir / "train.bin").string(), tokens);
+  const std::string shards = "data.train=[" + (dir / "train.bin").string() + "]";
   // uninterrupted: 8 steps, checkpoints every 4
   REQUIRE(run(tiny_config({"checkpoint.dir=" + ckpt, "checkpoint.interval=4", "checkpoint.keep_last=10",
-                           "logging.metrics_file=" + (dir / "full.jsonl").string(), "data.shuffle=true"})) == 0);
+                           "logging.metrics_file=" + (dir / "full.jsonl").string(), "data.source=shards", shards,
+                           "data.shuffle=true"})) == 0);
   REQUIRE(fs::exists(dir / "ckpt" / "step_00000004" / "manifest.yaml"));
   REQUIRE(verify_checkpoint((dir / "ckpt" / "step_00000004").string()).empty());
   // resumed at step 4
   REQUIRE(run(tiny_config({"checkpoint.resume=" + (dir / "ckpt" / "step_00000004").string(),
-                           "logging.metrics_file=" + (dir / "resumed.jsonl").string(), "data.shuffle=true"})) == 0);
+                           "logging.metrics_file=" + (dir / "resumed.jsonl").string(), "data.source=shards", shards,
+                           "data.shuffle=true"})) == 0);
   const auto full = field_values(dir / "full.jsonl", "loss");
   const auto resumed = field_values(dir / "resumed.jsonl", "loss");
   REQUIRE(full.size() == 8);
