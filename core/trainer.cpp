@@ -174,15 +174,18 @@ void dump_first_batch(const Config& cfg, GPT& model, DataLoader& data, Communica
 
   std::vector<float> local(rows * Vp);  // [B*T, Vp]
   model.forward_all_logits(tok.data(), pos.data(), local.data());
-  std::vector<float> logits(size_t(B) * size_t(N) * V, 0.0f), tokens(size_t(B) * size_t(N), 0.0f);  // [B, N, V], [B, N]
+  std::vector<float> logits(size_t(B) * size_t(N) * V, 0.0f);                 // [B, N, V]
+  std::vector<float> tokens(size_t(B) * size_t(N), 0.0f), targets(tokens.size(), 0.0f);  // [B, N]
   for (size_t r = 0; r < rows; ++r) {
     const size_t at = (r / size_t(T)) * size_t(N) + size_t(pos[r]);  // b * N + n
     std::copy(local.begin() + std::ptrdiff_t(r * Vp), local.begin() + std::ptrdiff_t(r * Vp + V),
               logits.begin() + std::ptrdiff_t(at * V));
     tokens[at] = float(tok[r]);
+    targets[at] = float(tgt[r]);
   }
   host.all_reduce(logits.data(), logits.data(), logits.size(), DType::f32, ReduceOp::sum);
   host.all_reduce(tokens.data(), tokens.data(), tokens.size(), DType::f32, ReduceOp::sum);
+  host.all_reduce(targets.data(), targets.data(), targets.size(), DType::f32, ReduceOp::sum);
 
   model.zero_grad();
   int64_t count = 0;
@@ -200,6 +203,7 @@ void dump_first_batch(const Config& cfg, GPT& model, DataLoader& data, Communica
   on_root(host, [&] {
     std::vector<NamedTensor> out;
     out.push_back({"tokens", {B, N}, std::move(tokens)});
+    out.push_back({"targets", {B, N}, std::move(targets)});
     out.push_back({"logits", {B, N, s.V}, std::move(logits)});
     out.push_back({"loss", {}, {float(sums[0] / tokens_total)}});
     for (NamedTensor& g : hf_gpt2_tensors(cfg.model, grads.data(), grads.size())) {

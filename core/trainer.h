@@ -13,6 +13,7 @@ namespace ulysses {
 // first training micro-batch goes through one forward + backward and rank 0 writes dump_path, an
 // F32 safetensors file (core/hf.h) with
 //   tokens [B, N]    the micro-batch's tokens (exact as floats)
+//   targets [B, N]   their targets (the next tokens; < 0: ignored)
 //   logits [B, N, V] fp32, the padding columns dropped, gathered over the SP ranks
 //   loss   []        the mean cross-entropy over the micro-batch's tokens
 //   grad.<HF name>   the gradient of that mean loss for every parameter, in Hugging Face GPT-2

@@ -120,7 +120,7 @@ def check(args, name, work):
     out["ulysses_dump_s"] = run(ulysses_cmd(args, "dump", sets + [f"checkpoint.init_from={init_dir}"]) + ["--out", dump], env)
     d = load_file(dump)
     x, y = batch(0)
-    assert torch.equal(d["tokens"].long(), x), "ulysses read other tokens than the script wrote"
+    assert torch.equal(d["tokens"].long(), x) and torch.equal(d["targets"].long(), y), "ulysses read other tokens"
     model.train()
     model.zero_grad()
     res = model(input_ids=x, labels=None)
