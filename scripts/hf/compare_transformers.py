@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -127,7 +128,9 @@ def check(args, name, work):
     loss = torch.nn.functional.cross_entropy(res.logits.reshape(-1, V), y.reshape(-1))
     loss.backward()
     out["logits"] = rel(d["logits"], res.logits.detach())
-    out["loss"] = abs(d["loss"].item() - loss.item()) / abs(loss.item())
+    with safe_open(dump, "pt") as f:  # the loss in full (double) precision, as ulysses computed it
+        loss_u = float(f.metadata()["loss"])
+    out["loss"] = abs(loss_u - loss.item()) / abs(loss.item())
     grads = {n: p.grad for n, p in model.named_parameters()}  # lm_head.weight is wte: one tensor
     worst, worst_name = 0.0, ""
     for n, g in grads.items():
@@ -167,7 +170,12 @@ def check(args, name, work):
     out["load_info"] = {k: sorted(v) if isinstance(v, set) else v for k, v in info.items()}
     out["clean_load"] = not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
     trained = dict(model.named_parameters())
-    out["export_params"] = max(rel(p, trained[n]) for n, p in back.named_parameters())
+    # (not a pass criterion: Adam's m / sqrt(v) turns rounding-level gradient differences on elements
+    # whose gradient is ~0 into whole lr-sized steps, so single elements drift apart; the losses do not)
+    errs = {n: rel(p, trained[n]) for n, p in back.named_parameters()}
+    out["export_params_worst"] = max(errs, key=errs.get)
+    out["export_params"] = errs[out["export_params_worst"]]
+    out["export_params_abs"] = max((p.double() - trained[n].double()).abs().max().item() for n, p in back.named_parameters())
     dump2 = os.path.join(work, "dump_export.safetensors")
     run(ulysses_cmd(args, "dump", sets + [f"checkpoint.init_from={export_dir}"]) + ["--out", dump2], env)
     d2 = load_file(dump2)
@@ -179,11 +187,13 @@ def check(args, name, work):
     out["pass"] = ok
     print(f"{name} (L{L} C{C} H{H} V{V} n_positions {T}; B{B} N{N}), ulysses ranks {args.np} (SP {args.np}):")
     print(f"  logits           max rel {out['logits']:.2e}")
-    print(f"  loss             rel {out['loss']:.2e}  (ulysses {d['loss'].item():.7f})")
+    print(f"  loss             rel {out['loss']:.2e}  (ulysses {loss_u:.9f}, transformers {loss.item():.9f} in fp32)")
     print(f"  gradients        max rel {out['grads']:.2e} over {len(grads)} tensors (worst {worst_name})")
     print(f"  10 AdamW losses  max rel {out['losses']:.2e}  (ulysses {ours[0]:.6f} .. {ours[-1]:.6f})")
     print(f"  export           transformers loads it {'cleanly' if out['clean_load'] else 'WITH PROBLEMS: ' + str(out['load_info'])};"
-          f" logits max rel {out['export_logits']:.2e}; parameters vs torch-trained max rel {out['export_params']:.2e}")
+          f" logits max rel {out['export_logits']:.2e}")
+    print(f"  parameters after 10 steps vs torch's: max rel {out['export_params']:.2e} ({out['export_params_worst']}),"
+          f" max abs {out['export_params_abs']:.2e} (lr {HP['lr']})")
     print(f"  {'PASS' if ok else 'FAIL'}  (ulysses dump {out['ulysses_dump_s']:.1f} s, train {out['ulysses_train_s']:.1f} s)")
     return out
 
