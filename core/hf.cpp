@@ -178,9 +178,11 @@ std::vector<SafetensorsEntry> parse_safetensors_header(const std::string& text, 
     for (const json& d : *sh) {
       if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t(1) << 40))
         throw_user_error("{}: tensor \"{}\": shape {} is not a list of non-negative integers", path, name, sh->dump());
-      e.shape.push_back(int64_t(d.get<uint64_t>()));
-      numel = e.shape.back() == 0 || numel == 0 ? 0 : numel * uint64_t(e.shape.back());
-      if (numel > (uint64_t(1) << 50)) throw_user_error("{}: tensor \"{}\": shape {} is absurdly large", path, name, sh->dump());
+      const uint64_t dim = d.get<uint64_t>();
+      e.shape.push_back(int64_t(dim));
+      if (dim != 0 && numel > (uint64_t(1) << 50) / dim)  // checked before multiplying: no wrap-around
+        throw_user_error("{}: tensor \"{}\": shape {} is absurdly large", path, name, sh->dump());
+      numel *= dim;
     }
     auto off = v.find("data_offsets");
     if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||

@@ -23,6 +23,7 @@ element-wise relative error is meaningless for values near zero); losses as |a -
 Exit status 0 when logits, loss and the 10 losses agree to 1e-5 and gradients to --grad-tol.
 
   compare_transformers.py --ulysses build-cpu/apps/ulysses [--np 1|2] [--shapes small,124m] [--keep DIR]
+                          [--plant-erf-gelu (a deliberate model difference: must FAIL)]
 """
 import argparse
 import json
@@ -101,6 +102,10 @@ def check(args, name, work):
     shard, metrics = os.path.join(work, "train.bin"), os.path.join(work, "metrics.jsonl")
     model = hf_model(name, seed=5)
     model.save_pretrained(init_dir, safe_serialization=True)
+    if args.plant_erf_gelu:  # a model difference the comparison must catch: erf GELU in transformers only
+        from transformers.activations import ACT2FN
+        for block in model.transformer.h:
+            block.mlp.act = ACT2FN["gelu"]
     stream = np.random.default_rng(17).integers(0, V, size=STEPS * B * N + 1)
     write_shard(shard, stream)
     sets = [f"model.n_layer={L}", f"model.n_embd={C}", f"model.n_head={H}", f"model.vocab_size={V}",
@@ -130,7 +135,8 @@ def check(args, name, work):
     out["logits"] = rel(d["logits"], res.logits.detach())
     with safe_open(dump, "pt") as f:  # the loss in full (double) precision, as ulysses computed it
         loss_u = float(f.metadata()["loss"])
-    out["loss"] = abs(loss_u - loss.item()) / abs(loss.item())
+    loss_t = loss.item()
+    out["loss"] = abs(loss_u - loss_t) / abs(loss_t)
     grads = {n: p.grad for n, p in model.named_parameters()}  # lm_head.weight is wte: one tensor
     worst, worst_name = 0.0, ""
     for n, g in grads.items():
@@ -187,7 +193,7 @@ def check(args, name, work):
     out["pass"] = ok
     print(f"{name} (L{L} C{C} H{H} V{V} n_positions {T}; B{B} N{N}), ulysses ranks {args.np} (SP {args.np}):")
     print(f"  logits           max rel {out['logits']:.2e}")
-    print(f"  loss             rel {out['loss']:.2e}  (ulysses {loss_u:.9f}, transformers {loss.item():.9f} in fp32)")
+    print(f"  loss             rel {out['loss']:.2e}  (ulysses {loss_u:.9f}, transformers {loss_t:.9f} in fp32)")
     print(f"  gradients        max rel {out['grads']:.2e} over {len(grads)} tensors (worst {worst_name})")
     print(f"  10 AdamW losses  max rel {out['losses']:.2e}  (ulysses {ours[0]:.6f} .. {ours[-1]:.6f})")
     print(f"  export           transformers loads it {'cleanly' if out['clean_load'] else 'WITH PROBLEMS: ' + str(out['load_info'])};"
@@ -204,6 +210,8 @@ def main(argv):
     p.add_argument("--np", type=int, default=1, choices=[1, 2], help="ulysses ranks; 2 runs with parallel.sequence=2")
     p.add_argument("--shapes", default="small,124m", help="comma-separated: small, 124m")
     p.add_argument("--grad-tol", type=float, default=1e-5, help="largest per-tensor relative gradient error")
+    p.add_argument("--plant-erf-gelu", action="store_true",
+                   help="sanity check: transformers computes the erf GELU, ulysses the tanh one; must FAIL")
     p.add_argument("--keep", help="work under this folder and keep it")
     p.add_argument("--json", help="append one JSON line per shape with every number here")
     a = p.parse_args(argv)

@@ -315,6 +315,12 @@ TEST_CASE("HF checkpoint errors name the file, the tensor or field, and the expe
     REQUIRE_THROWS_WITH(load(plant("nj", "{\"a\": [1, 2", body)), Contains("nj/model.safetensors: the safetensors header is not valid JSON"));
     REQUIRE_THROWS_WITH(load(plant("arr", "[1, 2]", body)), Contains("is array, expected a JSON object"));
     REQUIRE_THROWS_WITH(load(plant("ent", "{\"x\": 3}", body)), Contains("tensor \"x\": entry is number"));
+    // a shape whose element count would wrap around 64 bits with offsets that claim 0 bytes
+    REQUIRE_THROWS_WITH(load(plant("wrap", "{\"x\": {\"dtype\": \"F32\", \"shape\": [1099511627776, 1099511627776, "
+                                           "1099511627776], \"data_offsets\": [0, 0]}}", body)),
+                        Contains("tensor \"x\": shape") && Contains("absurdly large"));
+    REQUIRE_THROWS_WITH(load(plant("negdim", "{\"x\": {\"dtype\": \"F32\", \"shape\": [-1], \"data_offsets\": [0, 0]}}", body)),
+                        Contains("is not a list of non-negative integers"));
   }
   SECTION("header lies about offsets") {
     // ln_f.weight [8] F32 = 32 bytes claims 36; ln_f.bias past the end, reversed, overlapping ln_f.weight
