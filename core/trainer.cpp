@@ -220,10 +220,13 @@ void dump_first_batch(const Config& cfg, GPT& model, DataLoader& data, Communica
 
 int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path) {
   validate_for_world(cfg, mpi.world_size);
-  if (!dump_path.empty() && (cfg.parallel.zero_stage >= 2 || mpi.world_size != cfg.parallel.sequence))
+  // (dump sums the gradients itself: the ZeRO 2 / 3 shards and the overlapped all-reduces would
+  // have reduced them already)
+  if (!dump_path.empty() &&
+      (cfg.parallel.zero_stage >= 2 || mpi.world_size != cfg.parallel.sequence || cfg.runtime.overlap_comm))
     throw AllRanksUserError(fmt::format(
-        "ulysses dump needs one data-parallel group (world size {} = parallel.sequence {}) and parallel.zero_stage "
-        "0 or 1 (it is {})",
+        "ulysses dump needs one data-parallel group (world size {} = parallel.sequence {}), parallel.zero_stage "
+        "0 or 1 (it is {}) and runtime.overlap_comm false",
         mpi.world_size, cfg.parallel.sequence, cfg.parallel.zero_stage));
   // cpu or cuda, MPI or NCCL, agreed by every rank; the GPU picked by local rank (comm/groups.h)
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);

@@ -18,7 +18,8 @@ namespace ulysses {
 //   loss   []        the mean cross-entropy over the micro-batch's tokens
 //   grad.<HF name>   the gradient of that mean loss for every parameter, in Hugging Face GPT-2
 //                    names and layout (transformer.h.0.attn.c_attn.weight, ...; hf_gpt2_tensors)
-// No optimizer step is taken and nothing else is written. Needs DP = 1 and ZeRO stage 0 or 1.
+// No optimizer step is taken and nothing else is written. Needs DP = 1, ZeRO stage 0 or 1 and
+// runtime.overlap_comm false.
 int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path = "");
 
 }  // namespace ulysses
