@@ -2,6 +2,8 @@
 //
 //   ulysses train   [--config PATH] [--set key.path=value]... [--print-config] [--log-level L]
 //   ulysses check   (the same options)  brings up the process groups and tests every collective
+//   ulysses dump    (the same options) --out FILE.safetensors  the first micro-batch's logits, loss
+//                   and gradients from the initial weights (core/trainer.h); no training
 //   ulysses prepare INPUT... --out DIR [--name N] [--tokenizer byte|gpt2] [--tokenizer-dir D]
 //                   [--val-fraction F] [--shard-tokens K] [--log-level L]
 //   ulysses bench    (the config options) [--warmup W] [--repeat R] [--csv FILE]
@@ -119,7 +121,8 @@ int fail_on_this_rank(const MpiRuntime& mpi, const std::string& message, int cod
 }
 
 int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRuntime& mpi,
-                          const BenchOptions& bench = {}, const EstimateOptions& estimate = {}) {
+                          const BenchOptions& bench = {}, const EstimateOptions& estimate = {},
+                          const std::string& dump_out = "") {
   std::optional<Config> cfg = load_config_everywhere(o, mpi);
   if (!cfg) return kExitUserError;
   if (o.print_config) {
@@ -131,6 +134,7 @@ int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRu
   try {
     if (name == "train") return run_train(*cfg, mpi);
     if (name == "check") return run_comm_check(*cfg, mpi);
+    if (name == "dump") return run_train(*cfg, mpi, dump_out);
     if (name == "bench") return run_bench(*cfg, mpi, bench);
     if (name == "estimate") return run_estimate(*cfg, mpi, estimate);
   } catch (const AllRanksUserError& e) {
@@ -175,6 +179,14 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
   CLI::App* check = app.add_subcommand(
       "check", "Bring up the process groups of the configured layout and test every collective");
   add_config_options(check, check_opts);
+
+  ConfigOptions dump_opts;
+  std::string dump_out;
+  CLI::App* dump = app.add_subcommand(
+      "dump", "Write the first training micro-batch's logits, loss and gradients (from the initial weights) to a "
+              "safetensors file, without training");
+  add_config_options(dump, dump_opts);
+  dump->add_option("--out", dump_out, "The safetensors file to write (rank 0)")->required();
 
   PrepareOptions prepare_opts;
   std::string prepare_log_level = "info";
@@ -250,6 +262,7 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
 
   if (train->parsed()) return run_config_subcommand("train", train_opts, mpi);
   if (check->parsed()) return run_config_subcommand("check", check_opts, mpi);
+  if (dump->parsed()) return run_config_subcommand("dump", dump_opts, mpi, {}, {}, dump_out);
   if (bench_cmd->parsed()) return run_config_subcommand("bench", bench_opts, mpi, bench);
   if (estimate_cmd->parsed()) return run_config_subcommand("estimate", estimate_opts, mpi, {}, estimate);
   if (prepare->parsed()) return run_prepare_subcommand(prepare_opts, prepare_log_level, mpi);

@@ -206,6 +206,7 @@ const std::vector<Field>& config_fields() {
     f.push_back(field("checkpoint.resume", &C::checkpoint, &CheckpointConfig::resume));
     f.push_back(field("checkpoint.init_from", &C::checkpoint, &CheckpointConfig::init_from));
     f.push_back(field("checkpoint.export_llmc", &C::checkpoint, &CheckpointConfig::export_llmc));
+    f.push_back(field("checkpoint.export_hf", &C::checkpoint, &CheckpointConfig::export_hf));
     // logging
     f.push_back(field("logging.level", &C::logging, &LoggingConfig::level)
                     .one_of({"trace", "debug", "info", "warn", "error"}));

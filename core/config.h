@@ -88,8 +88,9 @@ struct CheckpointConfig {
   int interval = 0;                // steps between saves; 0: only at the end (when dir is set)
   int keep_last = 3;
   std::string resume;              // "" | auto | path of a checkpoint directory
-  std::string init_from;           // llm.c GPT-2 fp32 checkpoint to start from
+  std::string init_from;           // llm.c .bin, or Hugging Face GPT-2 dir / .safetensors (core/hf.h)
   std::string export_llmc;         // write llm.c format here at the end
+  std::string export_hf;           // write a Hugging Face GPT-2 directory here at the end
 };
 
 struct LoggingConfig {

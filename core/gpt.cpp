@@ -1047,6 +1047,16 @@ void GPT::forward_logits(const int32_t* tokens, const int32_t* positions, int64_
   check_inputs(tokens, nullptr, positions);
   ULYSSES_ASSERT(row >= 0 && row < run_.rows(), "forward_logits: row {} of {}", row, run_.rows());
   forward(tokens, positions);
+  logits_of_row(row, logits);
+}
+
+void GPT::forward_all_logits(const int32_t* tokens, const int32_t* positions, float* logits) {
+  check_inputs(tokens, nullptr, positions);
+  forward(tokens, positions);
+  for (int64_t row = 0; row < run_.rows(); ++row) logits_of_row(row, logits + row * shape_.Vp);
+}
+
+void GPT::logits_of_row(int64_t row, float* logits) {
   Tensor out = act_->logits.rows(0, 1);  // [1, Vp], the activation dtype
   ops::matmul_forward(ctx_, out, act_->lnf.rows(row, 1), params_.wte(), Tensor());
   Tensor row_f32 = out;

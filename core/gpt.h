@@ -233,6 +233,8 @@ class GPT {
   // Forward on tokens [B, T] and the logits [Vp] of row `row` (b * T + t) into `logits` (host
   // fp32; on cuda the bf16 row is cast to fp32 on the device, copied back, and waited for).
   void forward_logits(const int32_t* tokens, const int32_t* positions, int64_t row, float* logits);
+  // Forward on tokens [B, T] and the logits of every row, [B * T, Vp] host fp32 (`ulysses dump`).
+  void forward_all_logits(const int32_t* tokens, const int32_t* positions, float* logits);
 
   void zero_grad();
 
@@ -301,6 +303,8 @@ class GPT {
   void upload_input(Tensor dst, const int32_t* host, int slot);
   // offload: copy the checkpoints out for backward (runtime.offload; forward_backward only)
   void forward(const int32_t* tokens, const int32_t* positions, bool offload = false);
+  // After forward: the logits [Vp] of row `row` into host fp32 `logits` (waits for the device).
+  void logits_of_row(int64_t row, float* logits);
   void block_forward(Layer& a, int l, Tensor x, bool recompute);
   void mlp_forward(Layer& a, int l);
   void mlp_backward(Layer& a, int l);

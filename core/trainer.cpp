@@ -36,6 +36,7 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "core/gpt.h"
+#include "core/hf.h"
 #include "core/llmc.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
@@ -160,10 +161,73 @@ void check_resume_layout(const std::string& path, const TrainState& saved, int w
                  sequence_parallel, world_size / sequence_parallel, world_size);
 }
 
+// `ulysses dump` (core/trainer.h): the first training micro-batch's tokens, logits, mean loss and
+// gradients, written by rank 0. Every rank holds the same weights; rank r of the SP group holds
+// tokens r T .. r T + T - 1 of each sequence (positions say which), so the full [B, N, V] logits
+// are each rank's rows placed by position and summed over the world (the other entries are 0).
+void dump_first_batch(const Config& cfg, GPT& model, DataLoader& data, Communicator& host, const std::string& path) {
+  const GPTShape& s = model.shape();
+  const int B = model.run_shape().B, N = model.run_shape().N, T = model.run_shape().T();
+  const size_t rows = size_t(B) * size_t(T), V = size_t(s.V), Vp = size_t(s.Vp);
+  std::vector<int32_t> tok(rows), tgt(rows), pos(rows);
+  data.next(tok.data(), tgt.data(), pos.data());
+
+  std::vector<float> local(rows * Vp);  // [B*T, Vp]
+  model.forward_all_logits(tok.data(), pos.data(), local.data());
+  std::vector<float> logits(size_t(B) * size_t(N) * V, 0.0f);                 // [B, N, V]
+  std::vector<float> tokens(size_t(B) * size_t(N), 0.0f), targets(tokens.size(), 0.0f);  // [B, N]
+  for (size_t r = 0; r < rows; ++r) {
+    const size_t at = (r / size_t(T)) * size_t(N) + size_t(pos[r]);  // b * N + n
+    std::copy(local.begin() + std::ptrdiff_t(r * Vp), local.begin() + std::ptrdiff_t(r * Vp + V),
+              logits.begin() + std::ptrdiff_t(at * V));
+    tokens[at] = float(tok[r]);
+    targets[at] = float(tgt[r]);
+  }
+  host.all_reduce(logits.data(), logits.data(), logits.size(), DType::f32, ReduceOp::sum);
+  host.all_reduce(tokens.data(), tokens.data(), tokens.size(), DType::f32, ReduceOp::sum);
+  host.all_reduce(targets.data(), targets.data(), targets.size(), DType::f32, ReduceOp::sum);
+
+  model.zero_grad();
+  int64_t count = 0;
+  double sums[2] = {model.forward_backward(tok.data(), tgt.data(), pos.data(), &count), 0};
+  sums[1] = double(count);
+  host.all_reduce(sums, sums, 2, DType::f64, ReduceOp::sum);
+  const int64_t n_params = num_parameters(s);
+  std::vector<float> grads(static_cast<size_t>(n_params));
+  ops::copy(model.context(), host_tensor(grads.data(), n_params), model.grads_flat());
+  ops::synchronize(model.context());
+  host.all_reduce(grads.data(), grads.data(), grads.size(), DType::f32, ReduceOp::sum);
+  const double tokens_total = std::max(1.0, sums[1]);
+  for (float& g : grads) g = float(double(g) / tokens_total);
+
+  on_root(host, [&] {
+    std::vector<NamedTensor> out;
+    out.push_back({"tokens", {B, N}, std::move(tokens)});
+    out.push_back({"targets", {B, N}, std::move(targets)});
+    out.push_back({"logits", {B, N, s.V}, std::move(logits)});
+    out.push_back({"loss", {}, {float(sums[0] / tokens_total)}});
+    for (NamedTensor& g : hf_gpt2_tensors(cfg.model, grads.data(), grads.size())) {
+      g.name = "grad." + g.name;
+      out.push_back(std::move(g));
+    }
+    write_safetensors(path, out, {{"format", "ulysses-dump"}, {"loss", fmt::format("{}", sums[0] / tokens_total)}});
+    spdlog::info("dump: loss {:.6f} over {} tokens; logits, loss and gradients written to {}", sums[0] / tokens_total,
+                 int64_t(sums[1]), path);
+  });
+}
+
 }  // namespace
 
-int run_train(const Config& cfg, MpiRuntime& mpi) {
+int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path) {
   validate_for_world(cfg, mpi.world_size);
+  // (dump sums the gradients itself: the ZeRO 2 / 3 shards and the overlapped all-reduces would
+  // have reduced them already)
+  if (!dump_path.empty() &&
+      (cfg.parallel.zero_stage >= 2 || mpi.world_size != cfg.parallel.sequence || cfg.runtime.overlap_comm))
+    throw AllRanksUserError(fmt::format(
+        "ulysses dump needs one data-parallel group (world size {} = parallel.sequence {}), parallel.zero_stage "
+        "0 or 1 (it is {}) and runtime.overlap_comm false",
+        mpi.world_size, cfg.parallel.sequence, cfg.parallel.zero_stage));
   // cpu or cuda, MPI or NCCL, agreed by every rank; the GPU picked by local rank (comm/groups.h)
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
@@ -180,8 +244,8 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
         "real run's); use it with `ulysses bench` or `ulysses estimate`, not train",
         cfg.parallel.emulate_sequence));
 
-  if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.init_from.empty())
-    llmc_header_for(cfg.model);  // fails now, not after training, when llm.c cannot hold this model
+  if (!cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.export_hf.empty() || !cfg.checkpoint.init_from.empty())
+    llmc_header_for(cfg.model);  // fails now, not after training, when GPT-2's layout cannot hold this model
 
   // Reliability (docs/reliability.md): SIGTERM / SIGUSR1 / SIGINT stop the run cleanly at a step
   // boundary; every collective on the groups below is timed by the watchdog, which aborts the
@@ -302,14 +366,19 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
     train_data.restore(state.data);
     spdlog::info("resumed from {} at step {}", *resume, state.step);
   } else if (!cfg.checkpoint.init_from.empty()) {
-    // llm.c GPT-2 weights (e.g. gpt2_124M.bin); the config must describe the same model
+    // GPT-2 weights: llm.c's .bin (e.g. gpt2_124M.bin) or Hugging Face's directory / .safetensors
+    // (core/hf.h); the config must describe the same model
+    const bool hf = is_hf_checkpoint(cfg.checkpoint.init_from);
     float* params = per_layer ? nullptr : host_params();
     on_root(host, [&] {
       if (per_layer) {
         params_whole.resize(size_t(n_params));
         params = params_whole.data();
       }
-      read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model), params, size_t(n_params));
+      if (hf)
+        read_hf_checkpoint(cfg.checkpoint.init_from, cfg.model, params, size_t(n_params));
+      else
+        read_llmc_checkpoint(cfg.checkpoint.init_from, llmc_header_for(cfg.model), params, size_t(n_params));
     });
     if (per_layer) {
       layer_zero->scatter_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
@@ -318,7 +387,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
       host.broadcast(params, size_t(n_params), DType::f32, 0);
       upload_params(params);
     }
-    spdlog::info("initialised from llm.c checkpoint {}", cfg.checkpoint.init_from);
+    spdlog::info("initialised from {} checkpoint {}", hf ? "Hugging Face" : "llm.c", cfg.checkpoint.init_from);
   } else if (per_layer) {
     layer_zero->init_weights(cfg.train.seed);  // the same values, each rank keeping its shards
   } else {
@@ -329,6 +398,10 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   state.world_size = mpi.world_size;
   state.sequence_parallel = P;
   state.zero_stage = cfg.parallel.zero_stage;
+  if (!dump_path.empty()) {
+    dump_first_batch(cfg, model, train_data, host, dump_path);
+    return 0;
+  }
 
   if (device == Device::cuda)
     spdlog::info("device: cuda:{} on every rank ({} GPU(s) visible per rank at least{}), backend {}{}",
@@ -510,18 +583,25 @@ int run_train(const Config& cfg, MpiRuntime& mpi) {
   // them whole on the CPU, but on cuda only as its bf16 compute copy): gather them on rank 0 for
   // the export; at ZeRO 3 also for the sample (which then runs on a whole P = 1 copy on the CPU;
   // at ZeRO 2 the sampler shares the model's whole compute copy)
-  const bool gather_whole = per_layer && (!cfg.checkpoint.export_llmc.empty() ||
+  const bool exporting = !cfg.checkpoint.export_llmc.empty() || !cfg.checkpoint.export_hf.empty();
+  const bool gather_whole = per_layer && (exporting ||
                                           (zero_stage == 3 && cfg.train.sample_tokens > 0));
   if (gather_whole) {
     if (world.rank() == 0) params_whole.resize(size_t(n_params));
     layer_zero->gather_full(params_whole.data(), nullptr, nullptr, /*with_state=*/false);
   }
   const float* final_params = gather_whole ? params_whole.data() : nullptr;
-  if (!cfg.checkpoint.export_llmc.empty()) {
+  if (exporting) {
     const float* params = gather_whole ? final_params : (host.rank() == 0 ? download_params() : nullptr);
     on_root(host, [&] {
-      write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), params, size_t(n_params));
-      spdlog::info("exported llm.c checkpoint {}", cfg.checkpoint.export_llmc);
+      if (!cfg.checkpoint.export_llmc.empty()) {
+        write_llmc_checkpoint(cfg.checkpoint.export_llmc, llmc_header_for(cfg.model), params, size_t(n_params));
+        spdlog::info("exported llm.c checkpoint {}", cfg.checkpoint.export_llmc);
+      }
+      if (!cfg.checkpoint.export_hf.empty()) {
+        write_hf_checkpoint(cfg.checkpoint.export_hf, cfg.model, params, size_t(n_params));
+        spdlog::info("exported Hugging Face GPT-2 checkpoint {} (config.json, model.safetensors)", cfg.checkpoint.export_hf);
+      }
     });
   }
 

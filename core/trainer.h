@@ -7,6 +7,19 @@
 namespace ulysses {
 
 // Runs `ulysses train`. Returns the process exit code. Throws UserError for bad input.
-int run_train(const Config& cfg, MpiRuntime& mpi);
+//
+// dump_path non-empty: `ulysses dump` instead of training. The run is set up as for training
+// (layout, initial weights from checkpoint.init_from / resume / the seed, the data), then the
+// first training micro-batch goes through one forward + backward and rank 0 writes dump_path, an
+// F32 safetensors file (core/hf.h) with
+//   tokens [B, N]    the micro-batch's tokens (exact as floats)
+//   targets [B, N]   their targets (the next tokens; < 0: ignored)
+//   logits [B, N, V] fp32, the padding columns dropped, gathered over the SP ranks
+//   loss   []        the mean cross-entropy over the micro-batch's tokens
+//   grad.<HF name>   the gradient of that mean loss for every parameter, in Hugging Face GPT-2
+//                    names and layout (transformer.h.0.attn.c_attn.weight, ...; hf_gpt2_tensors)
+// No optimizer step is taken and nothing else is written. Needs DP = 1, ZeRO stage 0 or 1 and
+// runtime.overlap_comm false.
+int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path = "");
 
 }  // namespace ulysses

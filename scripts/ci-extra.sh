@@ -2,8 +2,10 @@
 # CI's reliability extras (docs/reliability.md), one script:
 #   1. a clang build with AddressSanitizer + UndefinedBehaviorSanitizer (ULYSSES_SANITIZE=ON) of
 #      the CPU test suite and the libFuzzer targets (ULYSSES_FUZZ=ON), in one build tree;
-#   2. the whole CPU test suite under the sanitizers (ctest; the CUDA tests are left out);
-#   3. each fuzz target (config loader, token shard reader, checkpoint reader) for
+#   2. the whole CPU test suite under the sanitizers (ctest; the CUDA tests and the Python
+#      comparison with transformers, label hf, are left out);
+#   3. each fuzz target (config loader, token shard reader, checkpoint reader, Hugging Face
+#      checkpoint reader) for
 #      FUZZ_SECONDS seconds from seeds made here from real files, reporting executions.
 # Usage: scripts/ci-extra.sh [BUILD_DIR]   (default /tmp/ulysses-sanitize)
 # Environment: FUZZ_SECONDS (default 60), JOBS (default 2), SKIP_TESTS=1, SKIP_FUZZ=1.
@@ -39,13 +41,13 @@ status=0
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "CPU test suite under ASan + UBSan"
-  ctest --test-dir "$BUILD" -LE cuda --output-on-failure --timeout 900 || status=1
+  ctest --test-dir "$BUILD" -LE "cuda|hf" --output-on-failure --timeout 900 || status=1
   stamp "tests done (status $status)"
 fi
 
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   F="$BUILD/fuzz-work"
-  rm -rf "$F" && mkdir -p "$F"/{config,shard,checkpoint,artifacts,seedgen}
+  rm -rf "$F" && mkdir -p "$F"/{config,shard,checkpoint,hf,artifacts,seedgen}
   # seeds: every config in the repository; shards from `ulysses prepare`; checkpoints of the
   # fuzz target's model (fuzz/fuzz_checkpoint.cpp) packed as model|optimizer|state|manifest
   cp "$SRC"/configs/*.yaml "$SRC"/configs/paper/*.yaml "$F/config/"
@@ -61,7 +63,14 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
     { cat "$c/model.bin"; printf '\n@@FILE@@\n'; cat "$c/optimizer.bin"; printf '\n@@FILE@@\n'; cat "$c/state.yaml";
       printf '\n@@FILE@@\n'; cat "$c/manifest.yaml"; } > "$F/checkpoint/seed$steps"
   done
-  for target in config shard checkpoint; do
+  # Hugging Face exports of the same model (fuzz/fuzz_hf.cpp): config.json|model.safetensors, and
+  # the bare model.safetensors
+  "$U" train --log-level warn --set model.n_layer=1 --set model.n_embd=16 --set model.n_head=2 \
+      --set model.max_seq_len=32 --set train.seq_len=32 --set train.micro_batch_size=1 --set train.max_steps=1 \
+      --set runtime.threads=1 --set checkpoint.export_hf="$F/seedgen/hf"
+  { cat "$F/seedgen/hf/config.json"; printf '\n@@FILE@@\n'; cat "$F/seedgen/hf/model.safetensors"; } > "$F/hf/seed1"
+  cp "$F/seedgen/hf/model.safetensors" "$F/hf/seed2"
+  for target in config shard checkpoint hf; do
     stamp "fuzz_$target for $FUZZ_SECONDS s"
     if "$BUILD/fuzz/fuzz_$target" "$F/$target" -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 -rss_limit_mb=4096 \
         -timeout=25 -artifact_prefix="$F/artifacts/${target}-" > "$F/$target.log" 2>&1; then

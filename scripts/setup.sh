@@ -11,7 +11,7 @@ PACKAGES=(
   g++ make cmake pkg-config
   openmpi-bin libopenmpi-dev
   libyaml-cpp-dev libspdlog-dev libcli11-dev catch2
-  libopenblas-dev libxxhash-dev
+  libopenblas-dev libxxhash-dev nlohmann-json3-dev
 )
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -257,7 +257,9 @@ void make_fixtures(const fs::path& w) {
 void make_checkpoints(const fs::path& w) {
   const Result r = spawn([&] {
     std::vector<std::string> a = {ULYSSES_EXE};
-    for (const std::string& s : train({"data.source=synthetic", "checkpoint.dir=" + (w / "ckpt").string()})) a.push_back(s);
+    for (const std::string& s : train({"data.source=synthetic", "checkpoint.dir=" + (w / "ckpt").string(),
+                                       "checkpoint.export_hf=" + (w / "hf_good").string()}))
+      a.push_back(s);
     return a;
   }(), w / "out" / "fixture_checkpoint", false, 0);
   INFO(r.err);
@@ -309,6 +311,21 @@ void make_checkpoints(const fs::path& w) {
   {
     const fs::path c = copy_checkpoint(good, w / "ck_manifest_garbage");
     write_text(c / "manifest.yaml", "files: {model.bin: [\n");
+  }
+  // Hugging Face exports (core/hf.h) of the same run, damaged: an activation ulysses lacks, a
+  // truncated model.safetensors, a header that is not JSON
+  REQUIRE(fs::exists(w / "hf_good" / "model.safetensors"));
+  {
+    const fs::path c = copy_checkpoint(w / "hf_good", w / "hf_relu");
+    write_text(c / "config.json", replace_all(slurp(c / "config.json"), "\"gelu_new\"", "\"relu\""));
+  }
+  {
+    const fs::path c = copy_checkpoint(w / "hf_good", w / "hf_truncated");
+    fs::resize_file(c / "model.safetensors", fs::file_size(c / "model.safetensors") / 2);
+  }
+  {
+    const fs::path c = copy_checkpoint(w / "hf_good", w / "hf_not_json");
+    write_text(c / "model.safetensors", std::string("\x0a\0\0\0\0\0\0\0", 8) + "not json!!" + std::string(64, '\0'));
   }
   // for the disk-full case: a checkpoint directory holding a good checkpoint of step 1
   fs::create_directories(w / "full_disk");
@@ -440,6 +457,20 @@ std::vector<Case> cases() {
       "@W/llmc_magic.bin: not an llm.c GPT-2 checkpoint: magic is 777, expected 20240326");
   add("llm.c: truncated", train({synth, "checkpoint.init_from=@W/llmc_truncated.bin"}), 2, "@W/llmc_truncated.bin: truncated");
   add("llm.c: missing", train({synth, "checkpoint.init_from=@W/none.bin"}), 2, "@W/none.bin: llm.c checkpoint not found");
+  add("hf: activation ulysses lacks", train({synth, "checkpoint.init_from=@W/hf_relu"}), 2,
+      "@W/hf_relu/config.json: activation_function is \"relu\", ulysses computes the tanh GELU only");
+  add("hf: truncated safetensors", train({synth, "checkpoint.init_from=@W/hf_truncated"}), 2,
+      "-byte data buffer");
+  add("hf: header not JSON", train({synth, "checkpoint.init_from=@W/hf_not_json/model.safetensors"}), 2,
+      "@W/hf_not_json/model.safetensors: the safetensors header is not valid JSON");
+  add("hf: missing file", train({synth, "checkpoint.init_from=@W/none.safetensors"}), 2,
+      "@W/none.safetensors: safetensors file not found");
+  c.push_back({"hf: model disagrees, 2 ranks", train({synth, "checkpoint.init_from=@W/hf_good", "model.n_embd=64"}), 2,
+               "@W/hf_good/config.json: n_embd is 32 in the checkpoint, model.n_embd is 64 in the config", false, 0, 2});
+  add("hf: export of a RoPE model", train({synth, "model.position_embedding=rope", "checkpoint.export_hf=@W/hf_rope"}), 2,
+      "model.position_embedding");
+  c.push_back({"dump: two DP groups", {"dump", "--set", "data.source=synthetic", "--out", "@W/dump.safetensors"}, 2,
+               "ulysses dump needs one data-parallel group (world size 2 = parallel.sequence 1)", false, 0, 2});
   // tokenizer files
   add("tokenizer: directory missing", {"prepare", "@W/input.txt", "--out", "@W/p1", "--tokenizer", "gpt2", "--tokenizer-dir", "@W/no_tok"}, 2,
       "@W/no_tok");

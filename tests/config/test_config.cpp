@@ -103,6 +103,7 @@ void require_same(const Config& a, const Config& b) {
   REQUIRE(a.checkpoint.resume == b.checkpoint.resume);
   REQUIRE(a.checkpoint.init_from == b.checkpoint.init_from);
   REQUIRE(a.checkpoint.export_llmc == b.checkpoint.export_llmc);
+  REQUIRE(a.checkpoint.export_hf == b.checkpoint.export_hf);
   REQUIRE(a.logging.level == b.logging.level);
   REQUIRE(a.logging.interval == b.logging.interval);
   REQUIRE(a.logging.metrics_file == b.logging.metrics_file);

@@ -1,5 +1,6 @@
 // End-to-end tests of `ulysses train` (run in-process through run_train): exact resume from a
-// checkpoint, validation loss going down on a text made here, llm.c export, and bad input.
+// checkpoint, validation loss going down on a text made here, llm.c export, `ulysses dump` and
+// the Hugging Face export, and bad input.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -16,6 +17,7 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "core/gpt.h"
+#include "core/hf.h"
 #include "core/llmc.h"
 #include "core/trainer.h"
 #include "tests/test_util.h"
@@ -41,11 +43,11 @@ Config tiny_config(const std::vector<std::string>& extra) {
   return load_config("", sets);
 }
 
-int run(const Config& cfg) {
+int run(const Config& cfg, const std::string& dump = "") {
   int argc = 0;
   char** argv = nullptr;
   MpiRuntime mpi(&argc, &argv);
-  return run_train(cfg, mpi);
+  return run_train(cfg, mpi, dump);
 }
 
 using ulysses::test::field_values;  // tests/test_util.h
@@ -156,5 +158,46 @@ TEST_CASE("bad training input is a clear error", "[train]") {
   CHECK_THROWS_WITH(run(tiny_config({"model.position_embedding=rope",
                                      "checkpoint.export_llmc=" + (dir / "x.bin").string()})),
                     Catch::Contains("learned positions only"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("ulysses dump: the logits give the loss, the gradients the first step's norm; HF export round trip", "[train][hf]") {
+  const fs::path dir = fresh_dir("dump");
+  const std::string metrics = (dir / "m.jsonl").string(), dump = (dir / "d.safetensors").string();
+  // one training step from the seed, with its loss and gradient norm in the metrics, and an HF export
+  REQUIRE(run(tiny_config({"train.max_steps=1", "logging.metrics_file=" + metrics,
+                           "checkpoint.export_hf=" + (dir / "hf").string()})) == 0);
+  REQUIRE(run(tiny_config({}), dump) == 0);
+  const double loss = std::stod(field_values(metrics, "loss").at(0));
+  const double norm = std::stod(field_values(metrics, "grad_norm").at(0));
+  SafetensorsReader r(dump);
+  const int B = 2, N = 32, V = 256;
+  CHECK(std::abs(double(r.read_f32("loss", {})[0]) - loss) <= 1e-6 * loss);
+  // the mean cross-entropy of the dumped logits at the dumped targets is the loss
+  const std::vector<float> logits = r.read_f32("logits", {B, N, V}), targets = r.read_f32("targets", {B, N});
+  double ce = 0;
+  for (size_t i = 0; i < size_t(B * N); ++i) {
+    const float* row = logits.data() + i * size_t(V);
+    double mx = row[0], sum = 0;
+    for (int v = 0; v < V; ++v) mx = std::max(mx, double(row[v]));
+    for (int v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+    ce += std::log(sum) + mx - double(row[size_t(targets[i])]);
+  }
+  CHECK(std::abs(ce / (B * N) - loss) <= 1e-5 * loss);
+  // every parameter's gradient is there under its HF name; together they have the step's norm
+  double squares = 0;
+  size_t grads = 0;
+  for (const SafetensorsEntry& e : r.entries())
+    if (e.name.rfind("grad.", 0) == 0) {
+      ++grads;
+      for (float g : r.read_f32(e.name, e.shape)) squares += double(g) * double(g);
+    }
+  CHECK(grads == 2 + 12 * 2 + 2);
+  CHECK(r.find("grad.transformer.h.1.mlp.c_proj.weight")->shape == std::vector<int64_t>{128, 32});
+  CHECK(std::abs(std::sqrt(squares) - norm) <= 1e-5 * norm);
+  // from the HF export (the weights after that one step on this same batch) the batch's loss is lower
+  REQUIRE(run(tiny_config({"checkpoint.init_from=" + (dir / "hf").string()}), dump) == 0);
+  const double loss_after = SafetensorsReader(dump).read_f32("loss", {})[0];
+  CHECK(loss_after < loss - 1e-3);
   fs::remove_all(dir);
 }
