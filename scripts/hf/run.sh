@@ -28,7 +28,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transfo
   echo "hf: creating $VENV (torch, transformers, safetensors, numpy from PyPI)"
   t0=$(date +%s)
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers safetensors numpy
+  # pinned: the versions the numbers in docs/benchmarks.md were measured with
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.15.0 transformers==5.25.0 safetensors==0.8.0 \
+    numpy==2.4.6
   echo "hf: venv ready in $(( $(date +%s) - t0 )) s, $(du -sh "$VENV" | cut -f1)"
 fi
 [ "$setup_only" = 1 ] && exit 0
