@@ -526,7 +526,8 @@ const std::vector<InertRule>& inert_rules() {
       {"train.eval_interval", "data.val", [](const Config& c) { return !has_validation(c); },
        "data.val lists no validation shards (no validation pass runs)",
        "list validation shards in data.val, or drop train.eval_interval"},
-      {"train.eval_steps", "data.val", [](const Config& c) { return !has_validation(c); },
+      // eval_steps 0 turns validation off, which agrees with having no validation data
+      {"train.eval_steps", "data.val", [](const Config& c) { return !has_validation(c) && c.train.eval_steps > 0; },
        "data.val lists no validation shards (no validation pass runs)",
        "list validation shards in data.val, or drop train.eval_steps"},
       {"train.eval_interval", "train.eval_steps", [](const Config& c) { return c.train.eval_steps == 0; },

@@ -606,6 +606,8 @@ TEST_CASE("keys without effect: an error naming both keys and the fix", "[config
         "validation pass runs): list validation shards in data.val, or drop train.eval_interval");
   CHECK_THROWS_WITH(load_config_string("data:\n  train: [a.bin]\ntrain:\n  eval_steps: 10\n", "t.yaml"),
                     Catch::Contains("key 'train.eval_steps' has no effect, because data.val lists no validation"));
+  // eval_steps 0 (validation off) agrees with having no validation data: accepted
+  CHECK_NOTHROW(load_config_string("data:\n  train: [a.bin]\ntrain:\n  eval_steps: 0\n", "t.yaml"));
 
   // The same keys where they do have an effect load fine.
   CHECK_NOTHROW(load_config_string(d + "model:\n  position_embedding: rope\n  rope_theta: 5000\n", "t"));
