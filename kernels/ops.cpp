@@ -5,6 +5,7 @@
 // and the tensor, e.g. "op gelu_forward: inp must be bf16 on cuda, got f32[4, 64] on cpu".
 #include "kernels/ops.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -610,7 +611,14 @@ void fill_zero(Context& ctx, Tensor x) {
   }
 #endif
   expect_cpu(ctx, "fill_zero");
-  if (!x.empty()) std::memset(x.data, 0, x.bytes());
+  // In 1 MiB blocks over the OpenMP threads: zero_grad clears 0.5 GB at 124M parameters, and one
+  // thread's memset reaches about 2.5 GB/s on the 2-core development machine (two: about 3.3).
+  constexpr int64_t kBlock = int64_t(1) << 20;
+  const int64_t bytes = int64_t(x.bytes());
+  char* base = static_cast<char*>(x.data);
+#pragma omp parallel for schedule(static) if (bytes > 8 * kBlock)
+  for (int64_t off = 0; off < bytes; off += kBlock)
+    std::memset(base + off, 0, size_t(std::min(kBlock, bytes - off)));
 }
 
 // ---- Ulysses layout transforms ------------------------------------------------------------------

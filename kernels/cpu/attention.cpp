@@ -8,21 +8,29 @@
 // accumulator; key tiles above the diagonal are never touched, the diagonal tile is masked
 // inside. Nothing of size N×N is ever allocated: the work buffers are O(kTile·d) per thread.
 //
-// Backward, per (batch, kv head): for each key tile, for every query head of the group and every
-// query tile on or below the diagonal, recompute P = exp(S - lse) and
+// Backward: for each key tile, for every query head of the group and every query tile on or
+// below the diagonal, recompute P = exp(S - lse) and
 //   dV_j += P^T dO_i;  dP = dO_i V_j^T;  dS = P * (dP - D_i)   with D_i = rowsum(dO_i * O_i)
 //   dQ_i += dS K_j / sqrt(d);  dK_j += dS^T Q_i / sqrt(d).
-// A task owns every row of dq, dk, dv it writes (its batch and kv-head group), so there are no
-// races and the result does not depend on the thread count or schedule.
+// Two schedules (attention_backward picks one by how many threads B * Hkv tasks would keep busy):
+//   fused: one task per (batch, kv head) does all of it (5 tile products per tile pair);
+//   split: parallel over (batch, kv head, key tile) for dK and dV, then over (batch, query head,
+//          query tile) for dQ, which recomputes P and dS (7 tile products per pair), so B = 1 with
+//          one kv head still uses every thread.
+// In both every row of dq, dk, dv is written by one task, and dQ_i is summed over key tiles
+// j = 0, 1, ..., i in that order with the same arithmetic: there are no races and the result is
+// bitwise the same for any thread count and either schedule (tested).
 //
-// Stages: load a tile into a local buffer (zero-padded to the micro-kernel's 4×8 blocking, head
+// Stages: load a tile into a local buffer (zero-padded to the micro-kernel's 4-row blocking, head
 // dimension padded to dp = round_up(d, 8)), multiply tiles with tile_gemm (a register-blocked
-// loop nest the compiler vectorises), and the softmax step on rows with the vectorisable exp.
+// loop nest on 8-float AVX vectors), and the softmax step on rows with the vectorisable exp.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include <omp.h>
 
 #include "core/error.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -37,49 +45,60 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Four floats in one SSE register (GCC/Clang vector extension): the micro-kernel below is
-// written with it so that its 4×8 accumulator block stays in eight registers whatever the loop
-// bounds (written as plain loops, GCC vectorised the k loop instead, with spills).
-typedef float f32x4 __attribute__((vector_size(16)));
+// Eight floats in one AVX register (GCC/Clang vector extension; the kernels are built for
+// x86-64-v3, see kernels/CMakeLists.txt, else the compiler splits it into two SSE halves): the
+// micro-kernel below is written with it so that its 4×16 accumulator block stays in eight
+// registers whatever the loop bounds (written as plain loops, GCC vectorised the k loop instead,
+// with spills).
+typedef float f32x8 __attribute__((vector_size(32)));
 
-inline f32x4 load4(const float* p) {
-  f32x4 v;
+inline f32x8 load8(const float* p) {
+  f32x8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
-// C[M, N] (+)= A[M, K] · B[K, N], row-major with leading dimensions; M % 4 == 0, N % 8 == 0.
-template <bool kAccumulate>
-void tile_gemm(float* __restrict C, int ldc, const float* __restrict A, int lda,
-               const float* __restrict B, int ldb, int M, int N, int K) {
-  for (int i = 0; i < M; i += 4)
-    for (int j = 0; j < N; j += 8) {
-      f32x4 acc[4][2];
-      for (int r = 0; r < 4; r++) {
-        acc[r][0] = kAccumulate ? load4(C + (i + r) * ldc + j) : f32x4{};
-        acc[r][1] = kAccumulate ? load4(C + (i + r) * ldc + j + 4) : f32x4{};
-      }
-      const float* a = A + i * lda;
-      for (int k = 0; k < K; k++) {
-        const f32x4 b0 = load4(B + k * ldb + j), b1 = load4(B + k * ldb + j + 4);
-        for (int r = 0; r < 4; r++) {
-          const float ar = a[r * lda + k];
-          acc[r][0] += ar * b0;
-          acc[r][1] += ar * b1;
-        }
-      }
-      for (int r = 0; r < 4; r++) {
-        store4(C + (i + r) * ldc + j, acc[r][0]);
-        store4(C + (i + r) * ldc + j + 4, acc[r][1]);
-      }
+// One MR × (8·NV) block of C (+)= op(A) · B; op(A)[r, k] = a[r * lda + k], or a[k * lda + r]
+// with kTransA. Each element is summed over k in order (the result does not depend on the
+// blocking). 4 × 16 keeps 8 accumulators, 2 B vectors and a broadcast in registers (6 × 16 with
+// 12 accumulators measured no faster).
+template <bool kAccumulate, bool kTransA, int MR, int NV>
+inline void micro_kernel(float* __restrict c, int ldc, const float* __restrict a, int lda,
+                         const float* __restrict b, int ldb, int K) {
+  f32x8 acc[MR][NV];
+  for (int r = 0; r < MR; r++)
+    for (int v = 0; v < NV; v++) acc[r][v] = kAccumulate ? load8(c + r * ldc + 8 * v) : f32x8{};
+  for (int k = 0; k < K; k++) {
+    f32x8 bv[NV];
+    for (int v = 0; v < NV; v++) bv[v] = load8(b + k * ldb + 8 * v);
+    for (int r = 0; r < MR; r++) {
+      const float ar = kTransA ? a[k * lda + r] : a[r * lda + k];
+      for (int v = 0; v < NV; v++) acc[r][v] += ar * bv[v];
     }
+  }
+  for (int r = 0; r < MR; r++)
+    for (int v = 0; v < NV; v++) store8(c + r * ldc + 8 * v, acc[r][v]);
 }
 
-// dst[j, i] = src[i, j] for i < rows, j < cols (both with row stride kTile).
-void transpose_tile(float* __restrict dst, const float* __restrict src, int rows, int cols) {
-  for (int j = 0; j < cols; j++)
-    for (int i = 0; i < rows; i++) dst[j * kTile + i] = src[i * kTile + j];
+// Rows [i, i + MR) of C (+)= op(A) · B over all N columns: 16 at a time, then 8.
+template <bool kAccumulate, bool kTransA, int MR>
+void row_block(float* __restrict C, int ldc, const float* __restrict A, int lda,
+               const float* __restrict B, int ldb, int i, int N, int K) {
+  const float* a = kTransA ? A + i : A + i * lda;
+  int j = 0;
+  for (; j + 16 <= N; j += 16)
+    micro_kernel<kAccumulate, kTransA, MR, 2>(C + i * ldc + j, ldc, a, lda, B + j, ldb, K);
+  for (; j < N; j += 8)
+    micro_kernel<kAccumulate, kTransA, MR, 1>(C + i * ldc + j, ldc, a, lda, B + j, ldb, K);
+}
+
+// C[M, N] (+)= op(A)[M, K] · B[K, N], row-major with leading dimensions; M % 4 == 0, N % 8 == 0.
+// op(A) = A [M, K], or with kTransA the transpose of A [K, M] (so P^T dO needs no transposed copy).
+template <bool kAccumulate, bool kTransA = false>
+void tile_gemm(float* __restrict C, int ldc, const float* __restrict A, int lda,
+               const float* __restrict B, int ldb, int M, int N, int K) {
+  for (int i = 0; i < M; i += 4) row_block<kAccumulate, kTransA, 4>(C, ldc, A, lda, B, ldb, i, N, K);
 }
 
 // Where row t of head `head` of batch b lives in a packed [B, N, H, d] buffer.
@@ -187,99 +206,212 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
   }
 }
 
+namespace {
+
+// The backward pass's shapes, inputs and the per-thread tiles of one (query tile, key tile) pair.
+struct Backward {
+  const float* dout;  // [B, N, Hq, d]
+  const float* qkv;   // [B, N, Hq + 2 Hkv, d]
+  const float* lse;   // [B, Hq, N]
+  const float* D;     // [B, Hq, N] rowsum(dO * O)
+  float* dqkv;        // [B, N, Hq + 2 Hkv, d]
+  Packed in, o;
+  int N, Hq, Hkv, d, dp, group, n_tiles;
+  float scale;
+};
+
+struct Tiles {
+  std::vector<float> work;
+  float *K, *dK, *dV, *Q, *dO, *dQ, *Kt, *Vt, *P, *dS;
+  explicit Tiles(int d, int dp) : work(size_t(kTile) * (6 * dp + 2 * d + 2 * kTile)) {
+    K = work.data();          // [kTile, dp]
+    dK = K + kTile * dp;      // [kTile, dp]
+    dV = dK + kTile * dp;     // [kTile, dp]
+    Q = dV + kTile * dp;      // [kTile, dp]  scaled by 1/sqrt(d)
+    dO = Q + kTile * dp;      // [kTile, dp]
+    dQ = dO + kTile * dp;     // [kTile, dp]  this tile pair's dS K
+    Kt = dQ + kTile * dp;     // [d, kTile]
+    Vt = Kt + kTile * d;      // [d, kTile]
+    P = Vt + kTile * d;       // [kTile, kTile]
+    dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
+  }
+};
+
+int tile_rows(const Backward& w, int tile) { return std::min(kTile, w.N - tile * kTile); }
+
+// K [jk, dp], K^T and V^T [d, kTile] of key tile kt (kv head kvh).
+void load_key_tile(Tiles& t, const Backward& w, int b, int kvh, int kt) {
+  const int j0 = kt * kTile, jk = tile_rows(w, kt), jk8 = round_up(jk, 8);
+  load_rows(t.K, w.dp, w.qkv, w.in, b, j0, w.Hq + kvh, jk, jk, 1.0f);
+  load_transposed(t.Kt, w.qkv, w.in, b, j0, w.Hq + kvh, jk, jk8);
+  load_transposed(t.Vt, w.qkv, w.in, b, j0, w.Hq + w.Hkv + kvh, jk, jk8);
+}
+
+// Q (scaled) and dO [iq4, dp] of query tile qt of head h, zero-padded.
+void load_query_tile(Tiles& t, const Backward& w, int b, int h, int qt) {
+  const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
+  load_rows(t.Q, w.dp, w.qkv, w.in, b, i0, h, iq, iq4, w.scale);
+  load_rows(t.dO, w.dp, w.dout, w.o, b, i0, h, iq, iq4, 1.0f);
+}
+
+// P = exp(S - lse) and dS = P * (dO V^T - D) [iq4, jk8] for query tile qt (head h) against key
+// tile kt; masked and padding entries are 0 (the padding rows [iq, iq4) too: zero Q and dO rows).
+void probs_and_dscores(Tiles& t, const Backward& w, int b, int h, int qt, int kt) {
+  const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
+  const int jk = tile_rows(w, kt), jk8 = round_up(jk, 8);
+  const bool diagonal = qt == kt;
+  const float* lse_h = w.lse + (int64_t(b) * w.Hq + h) * w.N;
+  const float* D_h = w.D + (int64_t(b) * w.Hq + h) * w.N;
+  tile_gemm<false>(t.P, kTile, t.Q, w.dp, t.Kt, kTile, iq4, jk8, w.d);    // S
+  tile_gemm<false>(t.dS, kTile, t.dO, w.dp, t.Vt, kTile, iq4, jk8, w.d);  // dP = dO V^T
+  for (int i = 0; i < iq; i++) {
+    const int jn = diagonal ? std::min(jk, i + 1) : jk;
+    float* p = t.P + i * kTile;
+    float* ds = t.dS + i * kTile;
+    const float lse_i = lse_h[i0 + i], D_i = D_h[i0 + i];
+    for (int j = 0; j < jn; j++) p[j] = exp_approx(p[j] - lse_i);
+    std::fill(p + jn, p + jk8, 0.0f);
+    for (int j = 0; j < jk8; j++) ds[j] = p[j] * (ds[j] - D_i);
+  }
+}
+
+// dV += P^T dO, dK += dS^T Q (Q scaled) for the key tile [jk4, dp].
+void add_dk_dv(Tiles& t, const Backward& w, int qt, int kt) {
+  const int iq = tile_rows(w, qt), jk4 = round_up(tile_rows(w, kt), 4);
+  tile_gemm<true, true>(t.dV, w.dp, t.P, kTile, t.dO, w.dp, jk4, w.dp, iq);
+  tile_gemm<true, true>(t.dK, w.dp, t.dS, kTile, t.Q, w.dp, jk4, w.dp, iq);
+}
+
+// dq rows of query tile qt (head h) += dS K / sqrt(d). Called for kt = 0, 1, ..., qt in this
+// order by both schedules below, so dq is the same sum in the same order.
+void add_dq(Tiles& t, const Backward& w, int b, int h, int qt, int kt) {
+  const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
+  tile_gemm<false>(t.dQ, w.dp, t.dS, kTile, t.K, w.dp, iq4, w.dp, tile_rows(w, kt));
+  for (int i = 0; i < iq; i++) {
+    float* dq = w.dqkv + w.in.offset(b, i0 + i, h);
+    for (int c = 0; c < w.d; c++) dq[c] += t.dQ[i * w.dp + c] * w.scale;
+  }
+}
+
+void zero_dq(const Backward& w, int b, int h, int qt) {
+  for (int i = 0; i < tile_rows(w, qt); i++) {
+    float* dq = w.dqkv + w.in.offset(b, qt * kTile + i, h);
+    std::fill(dq, dq + w.d, 0.0f);
+  }
+}
+
+void store_dk_dv(const Tiles& t, const Backward& w, int b, int kvh, int kt) {
+  for (int j = 0; j < tile_rows(w, kt); j++) {
+    const int row = kt * kTile + j;
+    std::copy(t.dK + j * w.dp, t.dK + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + kvh));
+    std::copy(t.dV + j * w.dp, t.dV + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + w.Hkv + kvh));
+  }
+}
+
+// Fused: one task per (batch, kv head) walks every key tile and, for each, every query tile of
+// the group on or below the diagonal, accumulating dK, dV and dq together (5 tile products).
+void backward_fused(const Backward& w, int B) {
+#pragma omp parallel
+  {
+    Tiles t(w.d, w.dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < B * w.Hkv; task++) {
+      const int b = task / w.Hkv, kvh = task % w.Hkv;
+      for (int g = 0; g < w.group; g++)
+        for (int qt = 0; qt < w.n_tiles; qt++) zero_dq(w, b, kvh * w.group + g, qt);
+      for (int kt = 0; kt < w.n_tiles; kt++) {
+        load_key_tile(t, w, b, kvh, kt);
+        std::fill(t.dK, t.dK + kTile * w.dp, 0.0f);
+        std::fill(t.dV, t.dV + kTile * w.dp, 0.0f);
+        for (int g = 0; g < w.group; g++)
+          for (int qt = kt; qt < w.n_tiles; qt++) {
+            const int h = kvh * w.group + g;
+            load_query_tile(t, w, b, h, qt);
+            probs_and_dscores(t, w, b, h, qt, kt);
+            add_dk_dv(t, w, qt, kt);
+            add_dq(t, w, b, h, qt, kt);
+          }
+        store_dk_dv(t, w, b, kvh, kt);
+      }
+    }
+  }
+}
+
+// Split, for when B * Hkv tasks would leave threads idle (long sequences at B = 1, MQA):
+//   pass 1, one task per (batch, kv head, key tile): dK, dV of the tile (4 tile products);
+//   pass 2, one task per (batch, query head, query tile): dq of the tile, recomputing P and dS
+//   (3 tile products). Both hand out the longest tasks first. Every output row is written by one
+//   task, with the same arithmetic in the same order as the fused schedule.
+void backward_split(const Backward& w, int B) {
+  const int nt = w.n_tiles;
+#pragma omp parallel
+  {
+    Tiles t(w.d, w.dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < int64_t(B) * w.Hkv * nt; task++) {
+      const int kt = int(task % nt);  // the longest (kt = 0) first
+      const int kvh = int((task / nt) % w.Hkv), b = int(task / (int64_t(nt) * w.Hkv));
+      load_key_tile(t, w, b, kvh, kt);
+      std::fill(t.dK, t.dK + kTile * w.dp, 0.0f);
+      std::fill(t.dV, t.dV + kTile * w.dp, 0.0f);
+      for (int g = 0; g < w.group; g++)
+        for (int qt = kt; qt < nt; qt++) {
+          const int h = kvh * w.group + g;
+          load_query_tile(t, w, b, h, qt);
+          probs_and_dscores(t, w, b, h, qt, kt);
+          add_dk_dv(t, w, qt, kt);
+        }
+      store_dk_dv(t, w, b, kvh, kt);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < int64_t(B) * w.Hq * nt; task++) {
+      const int qt = nt - 1 - int(task % nt);  // the longest (qt = nt - 1) first
+      const int h = int((task / nt) % w.Hq), b = int(task / (int64_t(nt) * w.Hq));
+      zero_dq(w, b, h, qt);
+      load_query_tile(t, w, b, h, qt);
+      for (int kt = 0; kt <= qt; kt++) {
+        load_key_tile(t, w, b, h / w.group, kt);
+        probs_and_dscores(t, w, b, h, qt, kt);
+        add_dq(t, w, b, h, qt, kt);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int B, int N, int Hq, int Hkv, int d) {
   check_shapes(B, N, Hq, Hkv, d);
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
-  const int group = Hq / Hkv;
-  const int dp = round_up(d, 8);
-  const float scale = 1.0f / std::sqrt(float(d));
-  const int n_tiles = (N + kTile - 1) / kTile;
-  const int n_tasks = B * Hkv;
 
-#pragma omp parallel
-  {
-    std::vector<float> work(size_t(kTile) * (6 * dp + 2 * d + 3 * kTile) + size_t(group) * N);
-    float* K = work.data();          // [kTile, dp]
-    float* dK = K + kTile * dp;      // [kTile, dp]
-    float* dV = dK + kTile * dp;     // [kTile, dp]
-    float* Q = dV + kTile * dp;      // [kTile, dp]  scaled by 1/sqrt(d)
-    float* dO = Q + kTile * dp;      // [kTile, dp]
-    float* dQ = dO + kTile * dp;     // [kTile, dp]  this tile pair's dS K
-    float* Kt = dQ + kTile * dp;     // [d, kTile]
-    float* Vt = Kt + kTile * d;      // [d, kTile]
-    float* P = Vt + kTile * d;       // [kTile, kTile]
-    float* dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
-    float* T = dS + kTile * kTile;   // [kTile, kTile] P^T, then dS^T
-    float* D = T + kTile * kTile;    // [group, N] rowsum(dO * O) of each query head
-
-#pragma omp for schedule(dynamic, 1)
-    for (int task = 0; task < n_tasks; task++) {
-      const int b = task / Hkv, kvh = task % Hkv;
-      const int h_first = kvh * group;
-
-      // dq of this group is accumulated below: zero it; compute D.
-      for (int g = 0; g < group; g++)
-        for (int t = 0; t < N; t++) {
-          float* dq = dqkv + in.offset(b, t, h_first + g);
-          std::fill(dq, dq + d, 0.0f);
-          const float* go = dout + o.offset(b, t, h_first + g);
-          const float* y = out + o.offset(b, t, h_first + g);
-          float s = 0.0f;
-          for (int c = 0; c < d; c++) s += go[c] * y[c];
-          D[int64_t(g) * N + t] = s;
-        }
-
-      for (int kt = 0; kt < n_tiles; kt++) {
-        const int j0 = kt * kTile, jk = std::min(kTile, N - j0);
-        const int jk4 = round_up(jk, 4), jk8 = round_up(jk, 8);
-        load_rows(K, dp, qkv, in, b, j0, Hq + kvh, jk, jk, 1.0f);
-        load_transposed(Kt, qkv, in, b, j0, Hq + kvh, jk, jk8);
-        load_transposed(Vt, qkv, in, b, j0, Hq + Hkv + kvh, jk, jk8);
-        std::fill(dK, dK + jk4 * dp, 0.0f);
-        std::fill(dV, dV + jk4 * dp, 0.0f);
-
-        for (int g = 0; g < group; g++) {
-          const int h = h_first + g;
-          const float* lse_h = lse + (int64_t(b) * Hq + h) * N;
-          const float* D_h = D + int64_t(g) * N;
-          for (int qt = kt; qt < n_tiles; qt++) {
-            const int i0 = qt * kTile, iq = std::min(kTile, N - i0), iq4 = round_up(iq, 4);
-            const bool diagonal = qt == kt;
-            load_rows(Q, dp, qkv, in, b, i0, h, iq, iq4, scale);
-            load_rows(dO, dp, dout, o, b, i0, h, iq, iq4, 1.0f);
-            tile_gemm<false>(P, kTile, Q, dp, Kt, kTile, iq4, jk8, d);    // S
-            tile_gemm<false>(dS, kTile, dO, dp, Vt, kTile, iq4, jk8, d);  // dP = dO V^T
-            for (int i = 0; i < iq; i++) {
-              const int jn = diagonal ? std::min(jk, i + 1) : jk;
-              float* p = P + i * kTile;
-              float* ds = dS + i * kTile;
-              const float lse_i = lse_h[i0 + i], D_i = D_h[i0 + i];
-              for (int j = 0; j < jn; j++) p[j] = exp_approx(p[j] - lse_i);
-              std::fill(p + jn, p + jk8, 0.0f);
-              for (int j = 0; j < jk8; j++) ds[j] = p[j] * (ds[j] - D_i);
-            }
-            // the padding rows [iq, iq4) of P and dS are zero (zero Q and dO rows)
-            transpose_tile(T, P, iq, jk4);
-            tile_gemm<true>(dV, dp, T, kTile, dO, dp, jk4, dp, iq);   // dV += P^T dO
-            transpose_tile(T, dS, iq, jk4);
-            tile_gemm<true>(dK, dp, T, kTile, Q, dp, jk4, dp, iq);    // dK += dS^T Q (Q scaled)
-            tile_gemm<false>(dQ, dp, dS, kTile, K, dp, iq4, dp, jk);  // dS K
-            for (int i = 0; i < iq; i++) {
-              float* dq = dqkv + in.offset(b, i0 + i, h);
-              for (int c = 0; c < d; c++) dq[c] += dQ[i * dp + c] * scale;
-            }
-          }
-        }
-
-        for (int j = 0; j < jk; j++) {
-          std::copy(dK + j * dp, dK + j * dp + d, dqkv + in.offset(b, j0 + j, Hq + kvh));
-          std::copy(dV + j * dp, dV + j * dp + d, dqkv + in.offset(b, j0 + j, Hq + Hkv + kvh));
-        }
-      }
+  // D[b, h, t] = rowsum(dO * O), [B, Hq, N]: one small buffer per call (B·Hq·N floats, 0.2 MB at
+  // N = 4096 with 12 heads), next to the per-thread tiles that every call allocates too.
+  std::vector<float> D(size_t(B) * Hq * N);
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < int64_t(B) * Hq; bh++) {
+    const int b = int(bh / Hq), h = int(bh % Hq);
+    for (int t = 0; t < N; t++) {
+      const float* go = dout + o.offset(b, t, h);
+      const float* y = out + o.offset(b, t, h);
+      float s = 0.0f;
+      for (int c = 0; c < d; c++) s += go[c] * y[c];
+      D[size_t(bh) * N + t] = s;
     }
   }
+
+  const Backward w{dout, qkv, lse, D.data(), dqkv, in, o, N, Hq, Hkv, d, round_up(d, 8), Hq / Hkv,
+                   (N + kTile - 1) / kTile, 1.0f / std::sqrt(float(d))};
+  // The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
+  // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy. Both give the same bits, so
+  // the choice (which depends on the thread count) does not change the result.
+  const int64_t tasks = int64_t(B) * Hkv, threads = omp_get_max_threads();
+  const int64_t rounds = (tasks + threads - 1) / threads;
+  if (4 * tasks >= 3 * rounds * threads)
+    backward_fused(w, B);
+  else
+    backward_split(w, B);
 }
 
 }  // namespace ulysses::cpu

@@ -2,7 +2,9 @@
 //   gpt2-124m: B=4, N=64,   C=768, H=12 (d=64), V=50257 (padded 50304), 12 layers
 //   long-1k:   B=1, N=1024, C=256, H=4  (d=64), V=50257 (padded 50304), 4 layers
 // or one custom shape: bench_kernels B N C H V L. Not a test: it checks nothing.
-// Columns: wall ms per call, process CPU ms per call (all threads), GFLOP/s and GB/s from wall.
+// Columns: wall ms per call, process CPU ms per call (all threads), GFLOP/s and GB/s from wall,
+// calls per training step of a GPT-2-style model of this shape (learned positions: no RoPE) and
+// the op's share of the sum over ops of wall ms × calls (an estimate of the step's op time).
 // FLOP counts are nominal: 2 per multiply-add in the products; causal attention counts the
 // N(N+1)/2 visible pairs only (forward 2 products, backward 5); elementwise ops count a few flops
 // per element as noted. GB/s counts each input read and each output written once.
@@ -57,9 +59,21 @@ Timing time_ms(const std::function<void()>& f) {
   return {1e3 * elapsed / reps, 1e3 * double(std::clock() - c0) / CLOCKS_PER_SEC / reps};
 }
 
-void report(const char* op, Timing t, double flops, double bytes) {
-  std::printf("  %-28s %10.3f ms %10.3f cpu-ms %9.2f GFLOP/s %8.2f GB/s\n", op, t.wall_ms,
-              t.cpu_ms, flops / (t.wall_ms * 1e6), bytes / (t.wall_ms * 1e6));
+struct Row {
+  std::string op;
+  Timing t;
+  double flops, bytes;
+  int calls;  // per training step
+};
+
+void print(const std::vector<Row>& rows) {
+  double step_ms = 0.0;
+  for (const Row& r : rows) step_ms += r.t.wall_ms * r.calls;
+  for (const Row& r : rows)
+    std::printf("  %-28s %10.3f ms %10.3f cpu-ms %9.2f GFLOP/s %8.2f GB/s %4d x %5.1f%%\n",
+                r.op.c_str(), r.t.wall_ms, r.t.cpu_ms, r.flops / (r.t.wall_ms * 1e6),
+                r.bytes / (r.t.wall_ms * 1e6), r.calls, 100.0 * r.t.wall_ms * r.calls / step_ms);
+  std::printf("  sum over ops of ms x calls: %.1f ms per step\n", step_ms);
 }
 
 void bench(const Shape& s) {
@@ -80,6 +94,13 @@ void bench(const Shape& s) {
   auto dwte = std::vector<float>(wte.size()), dwpe = std::vector<float>(wpe.size());
   std::vector<float> lnw(C, 1.0f), lnb(C), dlnw(C), dlnb(C), mean(R), rstd(R);
 
+  std::vector<Row> rows;
+  // calls per step: once, per layer, or twice per layer plus the final LayerNorm
+  const int once = 1, per_layer = s.L, layernorms = 2 * s.L + 1;
+  int calls = once;
+  auto report = [&](const std::string& op, Timing t, double flops, double bytes) {
+    rows.push_back({op, t, flops, bytes, calls});
+  };
   const double RC = double(R) * C;
   report("embedding_forward", time_ms([&] {
     cpu::embedding_forward(y.data(), tokens.data(), positions.data(), wte.data(), wpe.data(), R, C);
@@ -87,6 +108,7 @@ void bench(const Shape& s) {
   report("embedding_backward", time_ms([&] {
     cpu::embedding_backward(dwte.data(), dwpe.data(), dx.data(), tokens.data(), positions.data(), R, C);
   }), 2 * RC, 20.0 * RC);
+  calls = layernorms;
   report("layernorm_forward", time_ms([&] {
     cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), lnw.data(), lnb.data(), R, C);
   }), 8 * RC, 8.0 * RC);
@@ -95,6 +117,7 @@ void bench(const Shape& s) {
                             mean.data(), rstd.data(), R, C);
   }), 14 * RC, 16.0 * RC);
 
+  calls = per_layer;
   // the layer's products: qkv (C -> 3C), attention projection (C -> C), MLP (C -> 4C -> C)
   struct Mm { const char* name; int IC, OC; };
   const Mm mms[] = {{"qkv", C, 3 * C}, {"attn_proj", C, C}, {"fc", C, 4 * C}, {"fc_proj", 4 * C, C}};
@@ -105,10 +128,10 @@ void bench(const Shape& s) {
     std::vector<float> dw(w.size()), db(m.OC);
     const double f = 2.0 * R * m.IC * m.OC;
     const double io = 4.0 * (double(R) * m.IC + double(m.OC) * m.IC + double(R) * m.OC);
-    report((std::string("matmul_forward ") + m.name).c_str(), time_ms([&] {
+    report(std::string("matmul_forward ") + m.name, time_ms([&] {
       cpu::matmul_forward(out.data(), inp.data(), w.data(), b.data(), R, m.IC, m.OC);
     }), f, io);
-    report((std::string("matmul_backward ") + m.name).c_str(), time_ms([&] {
+    report(std::string("matmul_backward ") + m.name, time_ms([&] {
       cpu::matmul_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), R,
                            m.IC, m.OC);
     }), 2 * f, 2 * io);
@@ -122,6 +145,7 @@ void bench(const Shape& s) {
     report("gelu_backward", time_ms([&] { cpu::gelu_backward(out.data(), a.data(), g.data(), n); }),
            16.0 * n, 16.0 * n);
   }
+  calls = 0;  // fused into the next LayerNorm in the model
   report("residual_forward", time_ms([&] { cpu::residual_forward(y.data(), x.data(), dx.data(), R * C); }),
          RC, 12.0 * RC);
 
@@ -131,6 +155,7 @@ void bench(const Shape& s) {
     auto out = std::vector<float>(R * H * d), lse = std::vector<float>(R * H);
     auto dout = randn(out.size(), 1.0f, gen);
     // q and k of every row: 2H heads of d, 6 flops per pair
+    calls = 0;  // GPT-2 has learned positions
     report("rope_forward (q and k)", time_ms([&] {
       cpu::rope_forward(qkv.data(), positions.data(), R, 2 * H, d, int64_t(H3) * d, 10000.0f);
     }), 3.0 * R * 2 * H * d, 8.0 * R * 2 * H * d);
@@ -138,6 +163,7 @@ void bench(const Shape& s) {
     qkv = qkv0;  // rope_forward ran many times in place: start again from unit-scale values
     const double pairs = double(B) * H * (double(N) * (N + 1) / 2);
     const double io = 4.0 * (qkv.size() + out.size());
+    calls = per_layer;
     report("attention_forward", time_ms([&] {
       cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, H, H, d);
     }), 2 * 2.0 * pairs * d, io);
@@ -152,6 +178,7 @@ void bench(const Shape& s) {
     std::vector<float> logits(R * Vp), losses(R), dlogits(R * Vp);
     auto dl = randn(R * Vp, 1.0f, gen);
     const double f = 2.0 * R * C * Vp;
+    calls = once;
     report("matmul_forward lm_head", time_ms([&] {
       cpu::matmul_forward(logits.data(), x.data(), wte.data(), nullptr, R, C, Vp);
     }), f, 4.0 * (RC + double(Vp) * C + double(R) * Vp));
@@ -179,6 +206,7 @@ void bench(const Shape& s) {
     report("sum_squares (all grads)", time_ms([&] { sink = sink + cpu::sum_squares(g.data(), n); }),
            2.0 * n, 4.0 * n);
   }
+  print(rows);
 }
 
 }  // namespace

@@ -146,6 +146,31 @@ TEST_CASE("attention is deterministic across thread counts", "[kernels][attentio
   CHECK(bitwise_equal(run(1), run(2)));
 }
 
+// B = 1 with one kv head (MQA): one thread takes the fused backward schedule, 2 and 3 threads the
+// split one (parallel over key tiles, then query tiles); forward is parallel over query tiles.
+// N = 300 gives 5 tiles, the last one partial. Everything must agree to the bit.
+TEST_CASE("attention at B = 1, one kv head: bitwise the same for 1, 2 and 3 threads",
+          "[kernels][attention]") {
+  const int B = 1, N = 300, Hq = 3, Hkv = 1, d = 24;
+  Rng rng(18);
+  auto qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
+  auto dout = rng.normals(size_t(B) * N * Hq * d);
+  auto run = [&](int threads) {
+    std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size(), 7.0f);
+    with_threads(threads, [&] {
+      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d);
+      cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
+                              Hq, Hkv, d);
+    });
+    out.insert(out.end(), lse.begin(), lse.end());
+    out.insert(out.end(), dqkv.begin(), dqkv.end());
+    return out;
+  };
+  const auto one = run(1);
+  CHECK(bitwise_equal(one, run(2)));
+  CHECK(bitwise_equal(one, run(3)));
+}
+
 TEST_CASE("crossentropy: losses, ignored targets, padding, grad_scale", "[kernels][crossentropy]") {
   const int rows = 6, V = 50, Vp = 64;
   Rng rng(9);
