@@ -24,6 +24,7 @@
 #include "core/gpt.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"
+#include "core/trainer.h"
 #ifdef ULYSSES_CUDA
 #include <cuda_runtime.h>
 
@@ -107,16 +108,7 @@ int run_bench(const Config& cfg, MpiRuntime& mpi, const BenchOptions& opts) {
   if (!opts.csv.empty() && mpi.world_rank == 0) csv_is_new(opts.csv);  // a mismatched file fails now, not after timing
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
-  if (mpi.world_rank == 0)
-    for (const std::string& note : inert_at_start(cfg, device == Device::cuda, plan.backend == CommBackend::nccl,
-                                                  mpi.world_size))
-      spdlog::warn("config: {}", note);
-  if (cfg.runtime.threads > 0) {
-    omp_set_num_threads(cfg.runtime.threads);
-  } else {
-    const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
-    omp_set_num_threads(std::max(1, cores / std::max(1, mpi.local_size)));
-  }
+  start_rank(cfg, plan, mpi);  // threads, and the start-up warnings (core/trainer.h)
   order_nccl_launches(plan.backend == CommBackend::nccl &&
                       (cfg.runtime.overlap_comm || cfg.runtime.all_to_all_chunks > 1));
   ProcessGroups groups = make_process_groups(cfg.parallel.sequence, plan.backend, device, mpi.comm);

@@ -57,11 +57,6 @@ double ms_since(Clock::time_point t0) {
 // A host buffer as a tensor, for ops::copy between the host and the model's device.
 Tensor host_tensor(const float* p, int64_t n) { return Tensor(const_cast<float*>(p), {n}, DType::f32, Device::cpu); }
 
-int threads_per_rank(const RuntimeConfig& r, const MpiRuntime& mpi) {
-  if (r.threads > 0) return r.threads;
-  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
-  return std::max(1, cores / std::max(1, mpi.local_size));
-}
 
 std::string format_duration(double seconds) {
   const int64_t s = int64_t(seconds + 0.5);
@@ -218,6 +213,19 @@ void dump_first_batch(const Config& cfg, GPT& model, DataLoader& data, Communica
 
 }  // namespace
 
+void start_rank(const Config& cfg, const DevicePlan& plan, const MpiRuntime& mpi) {
+  int threads = cfg.runtime.threads;
+  if (threads <= 0) {
+    const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::max(1, cores / std::max(1, mpi.local_size));
+  }
+  omp_set_num_threads(threads);
+  if (mpi.world_rank == 0)
+    for (const std::string& note : inert_at_start(cfg, plan.device == Device::cuda,
+                                                  plan.backend == CommBackend::nccl, mpi.world_size))
+      spdlog::warn("config: {}", note);
+}
+
 int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path) {
   validate_for_world(cfg, mpi.world_size);
   // (dump sums the gradients itself: the ZeRO 2 / 3 shards and the overlapped all-reduces would
@@ -231,11 +239,7 @@ int run_train(const Config& cfg, MpiRuntime& mpi, const std::string& dump_path) 
   // cpu or cuda, MPI or NCCL, agreed by every rank; the GPU picked by local rank (comm/groups.h)
   const DevicePlan plan = setup_devices(cfg.runtime.device, cfg.parallel.backend, mpi);
   const Device device = plan.device;
-  omp_set_num_threads(threads_per_rank(cfg.runtime, mpi));
-  if (mpi.world_rank == 0)
-    for (const std::string& note : inert_at_start(cfg, device == Device::cuda, plan.backend == CommBackend::nccl,
-                                                  mpi.world_size))
-      spdlog::warn("config: {}", note);
+  start_rank(cfg, plan, mpi);
   // Refused before the groups are built (NCCL's set-up takes seconds); every rank decides alike
   // from the config and the agreed device, so the error is reported once, not per rank.
   if (cfg.parallel.emulate_sequence > 1)

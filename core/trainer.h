@@ -2,9 +2,15 @@
 // gradient clipping, validation, metrics, checkpoints, and the final sample.
 #pragma once
 #include "comm/bootstrap.h"
+#include "comm/groups.h"
 #include "core/config.h"
 
 namespace ulysses {
+
+// What every subcommand that runs the model does first, once the device plan is agreed: OpenMP
+// threads per rank (runtime.threads, 0: the node's cores / local ranks) and, on rank 0, a warning
+// for each setting the device, backend or world size makes moot (inert_at_start, core/config.h).
+void start_rank(const Config& cfg, const DevicePlan& plan, const MpiRuntime& mpi);
 
 // Runs `ulysses train`. Returns the process exit code. Throws UserError for bad input.
 //
