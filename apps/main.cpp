@@ -36,8 +36,8 @@
 #include "comm/bootstrap.h"
 #include "comm/comm_check.h"
 #include "core/config.h"
-#include "core/error.h"
-#include "core/log.h"
+#include "core/base/error.h"
+#include "core/base/log.h"
 #include "core/memory_estimate.h"
 #include "core/bench.h"
 #include "core/prepare.h"
@@ -133,7 +133,8 @@ int run_config_subcommand(const std::string& name, const ConfigOptions& o, MpiRu
     for (const std::string& note : cfg->notes) spdlog::warn("config: {}", note);
   try {
     if (name == "train") return run_train(*cfg, mpi);
-    if (name == "check") return run_comm_check(*cfg, mpi);
+    if (name == "check")
+      return run_comm_check({cfg->runtime.device, cfg->parallel.backend, cfg->parallel.sequence}, mpi);
     if (name == "dump") return run_train(*cfg, mpi, dump_out);
     if (name == "bench") return run_bench(*cfg, mpi, bench);
     if (name == "estimate") return run_estimate(*cfg, mpi, estimate);

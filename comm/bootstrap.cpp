@@ -8,7 +8,7 @@
 #include <mpi.h>
 
 #include "comm/comm_util.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #ifdef ULYSSES_CUDA
 #include "kernels/cuda/cuda_check.h"
 #endif

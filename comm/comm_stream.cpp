@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <thread>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #ifdef ULYSSES_CUDA
 #include <cuda_runtime.h>
 

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "core/tensor.h"
+#include "core/base/tensor.h"
 
 namespace ulysses {
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "comm/comm_util.h"
-#include "core/error.h"
+#include "core/base/error.h"
 
 namespace ulysses {
 

@@ -70,7 +70,7 @@
 
 #include "comm/comm_stream.h"
 #include "comm/communicator.h"
-#include "core/arena.h"
+#include "core/base/arena.h"
 #include "kernels/ops.h"
 
 namespace ulysses {

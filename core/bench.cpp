@@ -20,7 +20,7 @@
 #include "comm/groups.h"
 #include "comm/ulysses.h"
 #include "core/emulate.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 #include "core/metrics.h"
 #include "core/optimizer.h"

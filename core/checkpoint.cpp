@@ -17,7 +17,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/fileio.h"
 
 namespace fs = std::filesystem;

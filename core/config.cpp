@@ -29,7 +29,7 @@
 #include <sstream>
 #include <type_traits>
 
-#include "core/error.h"
+#include "core/base/error.h"
 
 namespace ulysses {
 

@@ -26,7 +26,7 @@
 #include <cstring>
 #include <random>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/fileio.h"
 
 namespace ulysses {

@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "comm/comm_util.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #ifdef ULYSSES_CUDA
 #include <cuda_runtime.h>
 

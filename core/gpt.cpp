@@ -6,7 +6,7 @@
 #include <cstring>
 #include <random>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #ifdef ULYSSES_CUDA
 #include <cuda_runtime.h>
 

@@ -37,7 +37,7 @@
 
 #include "comm/communicator.h"
 #include "comm/ulysses.h"
-#include "core/arena.h"
+#include "core/base/arena.h"
 #include "core/config.h"
 #include "kernels/ops.h"
 

@@ -18,7 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/fileio.h"
 #include "core/llmc.h"
 

@@ -41,7 +41,7 @@
 
 #include "comm/ulysses.h"
 #include "core/emulate.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/zero.h"
 #include "core/zero3.h"
 

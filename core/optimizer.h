@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "core/arena.h"
+#include "core/base/arena.h"
 #include "core/config.h"
 #include "core/gpt.h"
 #include "kernels/ops.h"

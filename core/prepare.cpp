@@ -22,7 +22,7 @@
 #include <system_error>
 
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/tokenizer.h"
 
 namespace ulysses {

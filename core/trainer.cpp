@@ -34,7 +34,7 @@
 #include "comm/watchdog.h"
 #include "core/checkpoint.h"
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 #include "core/hf.h"
 #include "core/llmc.h"

@@ -85,7 +85,7 @@
 
 #include "comm/comm_stream.h"
 #include "comm/communicator.h"
-#include "core/arena.h"
+#include "core/base/arena.h"
 #include "core/config.h"
 #include "core/gpt.h"
 #include "kernels/ops.h"

@@ -16,7 +16,7 @@
 
 #include "core/checkpoint.h"
 #include "core/config.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 
 namespace fs = std::filesystem;

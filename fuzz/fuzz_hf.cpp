@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "core/config.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/hf.h"
 #include "core/llmc.h"
 

@@ -13,7 +13,7 @@
 
 #include "core/config.h"
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const int fd = memfd_create("fuzz_shard", 0);

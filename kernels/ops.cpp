@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "kernels/cpu/cpu_ops.h"
 #ifdef ULYSSES_CUDA
 #include "kernels/cuda/cuda_check.h"

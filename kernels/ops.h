@@ -6,7 +6,7 @@
 #pragma once
 #include <cstdint>
 
-#include "core/tensor.h"
+#include "core/base/tensor.h"
 
 namespace ulysses::ops {
 

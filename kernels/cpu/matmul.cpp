@@ -15,7 +15,7 @@
 #include <cblas.h>
 #include <omp.h>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "kernels/cpu/cpu_ops.h"
 
 extern "C" void openblas_set_num_threads(int num_threads);

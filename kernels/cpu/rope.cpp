@@ -8,7 +8,7 @@
 #include <cmath>
 #include <vector>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "kernels/cpu/cpu_ops.h"
 
 namespace ulysses::cpu {

@@ -33,7 +33,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace ulysses::cuda {

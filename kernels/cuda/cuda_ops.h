@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "core/tensor.h"
+#include "core/base/tensor.h"
 
 namespace ulysses::cuda {
 

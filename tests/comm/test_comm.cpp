@@ -14,7 +14,7 @@
 #include "comm/comm_check.h"
 #include "comm/groups.h"
 #include "comm/mpi_communicator.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "tests/comm/collective_cases.h"
 
 using namespace ulysses;
@@ -231,14 +231,14 @@ TEST_CASE("comm check: passes for every valid P on the MPI backend", "[comm][che
   spdlog::set_level(spdlog::level::warn);
   for (int P : {1, 2, 4}) {
     if (mpi.world_size % P != 0) continue;
-    Config cfg;
-    cfg.parallel.sequence = P;
-    cfg.parallel.backend = "mpi";
+    CommCheckOptions opt;
+    opt.sequence = P;
+    opt.backend = "mpi";
     CAPTURE(P);
-    CHECK(run_comm_check(cfg, mpi) == 0);
+    CHECK(run_comm_check(opt, mpi) == 0);
   }
-  Config bad;
-  bad.parallel.backend = "gloo";
+  CommCheckOptions bad;
+  bad.backend = "gloo";
   CHECK_THROWS_WITH(run_comm_check(bad, mpi), Catch::Contains("parallel.backend"));
   spdlog::set_level(level);
 }

@@ -13,7 +13,7 @@
 #include "comm/groups.h"
 #include "comm/watchdog.h"
 #include "core/bench.h"
-#include "core/error.h"
+#include "core/base/error.h"
 
 using namespace ulysses;
 

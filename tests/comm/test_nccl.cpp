@@ -12,7 +12,7 @@
 #include "comm/bootstrap.h"
 #include "comm/groups.h"
 #include "comm/nccl_communicator.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "tests/comm/collective_cases.h"
 
 using namespace ulysses;

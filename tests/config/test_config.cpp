@@ -1,4 +1,4 @@
-// Tests of core/config.cpp and core/log.cpp: every key loads into the right field, every class of
+// Tests of core/config.cpp and core/base/log.cpp: every key loads into the right field, every class of
 // bad input gives the documented message (with file:line:col and a suggestion), --set overrides,
 // validate_for_world, and to_yaml round trips (of tricky values and of every file in configs/).
 #include <catch2/catch.hpp>
@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "core/config.h"
-#include "core/error.h"
-#include "core/log.h"
+#include "core/base/error.h"
+#include "core/base/log.h"
 
 using namespace ulysses;
 namespace fs = std::filesystem;

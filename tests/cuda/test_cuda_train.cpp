@@ -48,7 +48,7 @@
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 #include "comm/groups.h"
 #include "core/llmc.h"

@@ -11,7 +11,7 @@
 #include <set>
 
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "data_test_util.h"
 
 using namespace ulysses;

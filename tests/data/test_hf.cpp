@@ -13,7 +13,7 @@
 
 #include <fmt/format.h>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/hf.h"
 #include "core/llmc.h"
 #include "data_test_util.h"

@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <random>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/llmc.h"
 #include "data_test_util.h"
 

@@ -5,7 +5,7 @@
 #include <filesystem>
 
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/prepare.h"
 #include "core/tokenizer.h"
 #include "data_test_util.h"

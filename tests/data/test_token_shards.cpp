@@ -8,7 +8,7 @@
 #include <random>
 
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "data_test_util.h"
 
 using namespace ulysses;

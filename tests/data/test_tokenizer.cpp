@@ -6,7 +6,7 @@
 #include <map>
 #include <random>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/tokenizer.h"
 #include "data_test_util.h"
 

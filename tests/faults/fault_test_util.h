@@ -11,7 +11,7 @@
 
 #include "comm/bootstrap.h"
 #include "core/config.h"
-#include "core/log.h"
+#include "core/base/log.h"
 #include "core/trainer.h"
 #include "tests/test_util.h"
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "core/checkpoint.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 #include "fault_test_util.h"
 #include "tests/mpi_test_util.h"

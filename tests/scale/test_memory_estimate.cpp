@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "core/emulate.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/memory_estimate.h"
 #include "core/zero.h"
 #include "tests/test_util.h"

@@ -8,7 +8,7 @@
 
 #include "comm/groups.h"
 #include "comm/ulysses.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 
 using namespace ulysses;

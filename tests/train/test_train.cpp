@@ -15,7 +15,7 @@
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/data.h"
-#include "core/error.h"
+#include "core/base/error.h"
 #include "core/gpt.h"
 #include "core/hf.h"
 #include "core/llmc.h"

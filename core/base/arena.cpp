@@ -1,10 +1,10 @@
-#include "core/arena.h"
+#include "core/base/arena.h"
 
 #include <cstdlib>
 #include <cstring>
 #include <utility>
 
-#include "core/error.h"
+#include "core/base/error.h"
 #ifdef ULYSSES_CUDA
 #include <cuda_runtime.h>
 #endif

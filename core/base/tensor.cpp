@@ -1,8 +1,8 @@
-#include "core/tensor.h"
+#include "core/base/tensor.h"
 
 #include <fmt/format.h>
 
-#include "core/error.h"
+#include "core/base/error.h"
 
 namespace ulysses {
 

@@ -1,11 +1,11 @@
 // spdlog setup for one rank (see core/log.h).
-#include "core/log.h"
+#include "core/base/log.h"
 
 #include <spdlog/spdlog.h>
 
 #include <utility>
 
-#include "core/error.h"
+#include "core/base/error.h"
 
 namespace ulysses {
 
