@@ -165,93 +165,107 @@ int run_prepare_subcommand(const PrepareOptions& opts, const std::string& log_le
   return code;
 }
 
+// Every subcommand's options, filled by CLI11 when the command line is parsed, and the
+// subcommands themselves (to ask which one was given).
+struct Commands {
+  ConfigOptions train, check, dump, bench, estimate;
+  std::string dump_out;
+  BenchOptions bench_extra;
+  EstimateOptions estimate_extra;
+  PrepareOptions prepare;
+  std::string prepare_log_level = "info";
+  CLI::App *train_cmd = nullptr, *check_cmd = nullptr, *dump_cmd = nullptr, *bench_cmd = nullptr,
+           *estimate_cmd = nullptr, *prepare_cmd = nullptr;
+};
+
+// train, check and dump: a config, and for dump the file to write.
+void add_model_commands(CLI::App& app, Commands& c) {
+  c.train_cmd = app.add_subcommand("train", "Train a GPT model (the default config: a tiny model)");
+  add_config_options(c.train_cmd, c.train);
+  c.check_cmd = app.add_subcommand(
+      "check", "Bring up the process groups of the configured layout and test every collective");
+  add_config_options(c.check_cmd, c.check);
+  c.dump_cmd = app.add_subcommand(
+      "dump", "Write the first training micro-batch's logits, loss and gradients (from the initial weights) to a "
+              "safetensors file, without training");
+  add_config_options(c.dump_cmd, c.dump);
+  c.dump_cmd->add_option("--out", c.dump_out, "The safetensors file to write (rank 0)")->required();
+}
+
+void add_prepare_command(CLI::App& app, Commands& c) {
+  PrepareOptions& o = c.prepare;
+  CLI::App* prepare = c.prepare_cmd =
+      app.add_subcommand("prepare", "Tokenize text files into llm.c token shards (train and val)");
+  prepare->add_option("inputs", o.inputs, "Text files, concatenated in order")->required();
+  prepare->add_option("--out", o.output_dir, "Output directory")->required();
+  prepare->add_option("--name", o.name, "Shard name prefix: <name>_train_000000.bin, ...")->capture_default_str();
+  prepare->add_option("--tokenizer", o.tokenizer, "byte (vocabulary 256) or gpt2")
+      ->check(CLI::IsMember({"byte", "gpt2"}))
+      ->capture_default_str();
+  prepare->add_option("--tokenizer-dir", o.tokenizer_dir, "gpt2: directory with encoder.json and vocab.bpe");
+  prepare->add_option("--val-fraction", o.val_fraction, "Fraction of the tokens (the last ones) that go to the val split")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  prepare->add_option("--shard-tokens", o.shard_tokens, "Tokens per shard file")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  prepare->add_option("--log-level", c.prepare_log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember(kLogLevels))
+      ->capture_default_str();
+}
+
+// bench and estimate: a config plus their own options.
+void add_measure_commands(CLI::App& app, Commands& c) {
+  BenchOptions& bench = c.bench_extra;
+  c.bench_cmd = app.add_subcommand(
+      "bench", "Time one training step of the configured model on random tokens (forward, backward, all-reduce, "
+               "optimizer); the data and checkpoint keys are not read");
+  add_config_options(c.bench_cmd, c.bench);
+  c.bench_cmd->add_option("--warmup", bench.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  c.bench_cmd->add_option("--repeat", bench.repeat, "Timed steps (the median is reported)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  c.bench_cmd->add_option("--csv", bench.csv, "Append one row of results to this CSV file (rank 0)");
+
+  c.estimate.any_world = true;
+  c.estimate_cmd = app.add_subcommand(
+      "estimate", "Per-rank memory of the configured run (CPU fp32 and CUDA bf16) and the longest sequence that fits");
+  add_config_options(c.estimate_cmd, c.estimate);
+  c.estimate_cmd->add_option("--gpus", c.estimate_extra.gpus, "World size (default: parallel.sequence)")
+      ->check(CLI::PositiveNumber);
+  c.estimate_cmd->add_option("--gpu-memory", c.estimate_extra.gpu_memory, "Memory budget per rank, e.g. 80GB or 141GiB")
+      ->capture_default_str();
+}
+
+// A mistyped subcommand ("ulysses trian") would otherwise only read "A subcommand is required".
+// Returns false (after rank 0 said so) when argv[1] names none.
+bool known_subcommand(CLI::App& app, int argc, char** argv, const MpiRuntime& mpi) {
+  if (argc <= 1 || argv[1][0] == '-') return true;
+  std::string names;
+  bool known = false;
+  for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    known = known || sub->get_name() == argv[1];
+    names += (names.empty() ? "" : ", ") + sub->get_name();
+  }
+  if (!known && mpi.world_rank == 0)
+    print_error(fmt::format("unknown subcommand '{}': expected one of {}", argv[1], names));
+  return known;
+}
+
 int run(int argc, char** argv, MpiRuntime& mpi) {
   CLI::App app{"ulysses: GPT training on long sequences with DeepSpeed-Ulysses sequence "
                "parallelism",
                "ulysses"};
   app.set_version_flag("--version", version_text());
   app.require_subcommand(1);
-
-  ConfigOptions train_opts;
-  CLI::App* train = app.add_subcommand("train", "Train a GPT model (the default config: a tiny model)");
-  add_config_options(train, train_opts);
-
-  ConfigOptions check_opts;
-  CLI::App* check = app.add_subcommand(
-      "check", "Bring up the process groups of the configured layout and test every collective");
-  add_config_options(check, check_opts);
-
-  ConfigOptions dump_opts;
-  std::string dump_out;
-  CLI::App* dump = app.add_subcommand(
-      "dump", "Write the first training micro-batch's logits, loss and gradients (from the initial weights) to a "
-              "safetensors file, without training");
-  add_config_options(dump, dump_opts);
-  dump->add_option("--out", dump_out, "The safetensors file to write (rank 0)")->required();
-
-  PrepareOptions prepare_opts;
-  std::string prepare_log_level = "info";
-  CLI::App* prepare =
-      app.add_subcommand("prepare", "Tokenize text files into llm.c token shards (train and val)");
-  prepare->add_option("inputs", prepare_opts.inputs, "Text files, concatenated in order")->required();
-  prepare->add_option("--out", prepare_opts.output_dir, "Output directory")->required();
-  prepare->add_option("--name", prepare_opts.name, "Shard name prefix: <name>_train_000000.bin, ...")
-      ->capture_default_str();
-  prepare->add_option("--tokenizer", prepare_opts.tokenizer, "byte (vocabulary 256) or gpt2")
-      ->check(CLI::IsMember({"byte", "gpt2"}))
-      ->capture_default_str();
-  prepare->add_option("--tokenizer-dir", prepare_opts.tokenizer_dir,
-                      "gpt2: directory with encoder.json and vocab.bpe");
-  prepare->add_option("--val-fraction", prepare_opts.val_fraction,
-                      "Fraction of the tokens (the last ones) that go to the val split")
-      ->check(CLI::Range(0.0, 1.0))
-      ->capture_default_str();
-  prepare->add_option("--shard-tokens", prepare_opts.shard_tokens, "Tokens per shard file")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  prepare->add_option("--log-level", prepare_log_level, "trace, debug, info, warn or error")
-      ->check(CLI::IsMember(kLogLevels))
-      ->capture_default_str();
-
-  ConfigOptions bench_opts;
-  BenchOptions bench;
-  CLI::App* bench_cmd = app.add_subcommand(
-      "bench", "Time one training step of the configured model on random tokens (forward, backward, all-reduce, "
-                "optimizer); the data and checkpoint keys are not read");
-  add_config_options(bench_cmd, bench_opts);
-  bench_cmd->add_option("--warmup", bench.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  bench_cmd->add_option("--repeat", bench.repeat, "Timed steps (the median is reported)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  bench_cmd->add_option("--csv", bench.csv, "Append one row of results to this CSV file (rank 0)");
-
-  ConfigOptions estimate_opts;
-  estimate_opts.any_world = true;
-  EstimateOptions estimate;
-  CLI::App* estimate_cmd = app.add_subcommand(
-      "estimate", "Per-rank memory of the configured run (CPU fp32 and CUDA bf16) and the longest sequence that fits");
-  add_config_options(estimate_cmd, estimate_opts);
-  estimate_cmd->add_option("--gpus", estimate.gpus, "World size (default: parallel.sequence)")
-      ->check(CLI::PositiveNumber);
-  estimate_cmd->add_option("--gpu-memory", estimate.gpu_memory, "Memory budget per rank, e.g. 80GB or 141GiB")
-      ->capture_default_str();
-
+  Commands c;
+  add_model_commands(app, c);
+  add_prepare_command(app, c);
+  add_measure_commands(app, c);
   // Still to come, each as its own subcommand here (no placeholders are registered until then):
   //   inspect   print a checkpoint's or a token shard's header and statistics
 
-  // A mistyped subcommand ("ulysses trian") would otherwise only read "A subcommand is required".
-  if (argc > 1 && argv[1][0] != '-') {
-    std::string names;
-    bool known = false;
-    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
-      known = known || sub->get_name() == argv[1];
-      names += (names.empty() ? "" : ", ") + sub->get_name();
-    }
-    if (!known) {
-      if (mpi.world_rank == 0) print_error(fmt::format("unknown subcommand '{}': expected one of {}", argv[1], names));
-      return kExitUserError;
-    }
-  }
+  if (!known_subcommand(app, argc, argv, mpi)) return kExitUserError;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -261,12 +275,12 @@ int run(int argc, char** argv, MpiRuntime& mpi) {
     return code == 0 ? 0 : kExitUserError;
   }
 
-  if (train->parsed()) return run_config_subcommand("train", train_opts, mpi);
-  if (check->parsed()) return run_config_subcommand("check", check_opts, mpi);
-  if (dump->parsed()) return run_config_subcommand("dump", dump_opts, mpi, {}, {}, dump_out);
-  if (bench_cmd->parsed()) return run_config_subcommand("bench", bench_opts, mpi, bench);
-  if (estimate_cmd->parsed()) return run_config_subcommand("estimate", estimate_opts, mpi, {}, estimate);
-  if (prepare->parsed()) return run_prepare_subcommand(prepare_opts, prepare_log_level, mpi);
+  if (c.train_cmd->parsed()) return run_config_subcommand("train", c.train, mpi);
+  if (c.check_cmd->parsed()) return run_config_subcommand("check", c.check, mpi);
+  if (c.dump_cmd->parsed()) return run_config_subcommand("dump", c.dump, mpi, {}, {}, c.dump_out);
+  if (c.bench_cmd->parsed()) return run_config_subcommand("bench", c.bench, mpi, c.bench_extra);
+  if (c.estimate_cmd->parsed()) return run_config_subcommand("estimate", c.estimate, mpi, {}, c.estimate_extra);
+  if (c.prepare_cmd->parsed()) return run_prepare_subcommand(c.prepare, c.prepare_log_level, mpi);
   ULYSSES_ASSERT(false, "CLI11 accepted the command line but no subcommand was parsed");
   return kExitInternalError;
 }
