@@ -732,13 +732,22 @@ struct Loader {
     }
   }
 
-  // Checks across keys, once everything is loaded. The location is the most specific key that
-  // was set explicitly (an override wins over the file, which wins over the default).
+  // Checks across keys, once everything is loaded, in this order (the first error is reported).
+  // The location is the most specific key that was set explicitly (an override wins over the
+  // file, which wins over the default).
   void check_conflicts() const {
-    const ModelConfig& m = config.model;
-    const ParallelConfig& p = config.parallel;
-    const TrainConfig& t = config.train;
+    check_model_conflicts();
+    check_parallel_conflicts();
+    check_batch_conflicts();
+    check_runtime_conflicts();
+    check_data_conflicts();
+    check_checkpoint_conflicts();
+  }
 
+  // heads, head_dim, positions
+  void check_model_conflicts() const {
+    const ModelConfig& m = config.model;
+    const TrainConfig& t = config.train;
     if (m.n_embd % m.n_head != 0)
       throw_user_error("{}: key 'model.n_embd' ({}) must be divisible by model.n_head ({}): "
                        "each head gets n_embd / n_head channels",
@@ -760,7 +769,12 @@ struct Loader {
     if (t.seq_len > m.max_seq_len)
       throw_user_error("{}: key 'train.seq_len' ({}) must be <= model.max_seq_len ({})",
                        where_set({"train.seq_len", "model.max_seq_len"}), t.seq_len, m.max_seq_len);
+  }
 
+  void check_parallel_conflicts() const {
+    const ModelConfig& m = config.model;
+    const ParallelConfig& p = config.parallel;
+    const TrainConfig& t = config.train;
     // Sequence parallelism: P ranks each hold seq_len / P tokens and, inside attention, about
     // n_head / P heads. emulate_sequence runs one rank's share of a P-rank job on a single rank.
     if (p.emulate_sequence > 1 && p.sequence > 1)
@@ -797,7 +811,10 @@ struct Loader {
                          where_set({"runtime.all_to_all_chunks", "train.seq_len", pkey}),
                          config.runtime.all_to_all_chunks, t.seq_len / P, pkey, t.seq_len, P);
     }
+  }
 
+  void check_batch_conflicts() const {
+    const TrainConfig& t = config.train;
     if (t.global_batch_tokens > 0) {
       int64_t per_group = int64_t(t.micro_batch_size) * t.seq_len;
       if (t.global_batch_tokens % per_group != 0) {
@@ -810,7 +827,11 @@ struct Loader {
                          t.global_batch_tokens, t.micro_batch_size, t.seq_len, per_group, nearest);
       }
     }
+  }
 
+  // the device, the backend, attention, recompute and offload
+  void check_runtime_conflicts() const {
+    const ParallelConfig& p = config.parallel;
     const RuntimeConfig& r = config.runtime;
     if (p.backend == "nccl" && r.device == "cpu")
       throw_user_error("{}: parallel.backend 'nccl' moves device memory and needs runtime.device "
@@ -835,7 +856,10 @@ struct Loader {
       throw_user_error("{}: runtime.overlap_comm runs ZeRO's per-layer collectives on a second CUDA stream and "
                        "needs runtime.device cuda, got '{}'",
                        where_set({"runtime.overlap_comm", "runtime.device"}), r.device);
+  }
 
+  void check_data_conflicts() const {
+    const TrainConfig& t = config.train;
     const DataConfig& d = config.data;
     if (d.source == "shards" && d.train.empty())
       throw_user_error("{}: key 'data.train' is required when data.source is 'shards': list the "
@@ -845,7 +869,9 @@ struct Loader {
       throw_user_error("{}: key 'data.tokenizer_dir' is required when data.tokenizer is 'gpt2' and "
                        "train.sample_tokens > 0: the directory with encoder.json and vocab.bpe",
                        where_set({"data.tokenizer", "train.sample_tokens", "data"}));
+  }
 
+  void check_checkpoint_conflicts() const {
     const CheckpointConfig& ck = config.checkpoint;
     if (ck.interval > 0 && ck.dir.empty())
       throw_user_error("{}: key 'checkpoint.interval' ({}) needs checkpoint.dir, the directory "
