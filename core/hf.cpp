@@ -421,9 +421,11 @@ std::vector<NamedTensor> hf_gpt2_tensors(const ModelConfig& m, const float* para
   return out;
 }
 
-void read_hf_checkpoint(const std::string& path, const ModelConfig& m, float* params, size_t n_params) {
-  const LlmcHeader h = llmc_header_for(m);
-  ULYSSES_ASSERT(n_params == llmc_param_count(h), "{} parameters for {}", n_params, llmc_param_count(h));
+namespace {
+
+// The safetensors file and the config.json (empty when there is none beside a bare .safetensors)
+// of a Hugging Face checkpoint given as a directory or a file.
+std::pair<std::string, std::string> hf_checkpoint_files(const std::string& path) {
   std::error_code ec;
   std::string st_path = path, config_path;
   if (fs::is_directory(path, ec)) {
@@ -441,9 +443,13 @@ void read_hf_checkpoint(const std::string& path, const ModelConfig& m, float* pa
     const fs::path beside = fs::path(path).parent_path() / "config.json";
     if (fs::exists(beside, ec)) config_path = beside.string();
   }
-  const SafetensorsReader r(st_path);
+  return {st_path, config_path};
+}
 
-  // The checkpoint's shape: config.json's, or inferred from the tensors; it must be the config's.
+// The checkpoint's shape: config.json's, or inferred from the tensors; it must be the config's.
+void check_hf_shape(const SafetensorsReader& r, const std::string& st_path, const std::string& config_path,
+                    const ModelConfig& m) {
+
   std::string found;
   if (!config_path.empty()) {
     const HfGpt2Config c = parse_hf_gpt2_config(read_text_file(config_path, "config.json"), config_path);
@@ -466,6 +472,17 @@ void read_hf_checkpoint(const std::string& path, const ModelConfig& m, float* pa
     agree(st_path, "vocab_size (wte.weight's rows)", int(wte->shape[0]), "model.vocab_size", m.vocab_size);
     agree(st_path, "n_positions (wpe.weight's rows)", int(wpe->shape[0]), "model.max_seq_len", m.max_seq_len);
   }
+}
+
+}  // namespace
+
+void read_hf_checkpoint(const std::string& path, const ModelConfig& m, float* params, size_t n_params) {
+  const LlmcHeader h = llmc_header_for(m);
+  ULYSSES_ASSERT(n_params == llmc_param_count(h), "{} parameters for {}", n_params, llmc_param_count(h));
+  const auto [st_path, config_path] = hf_checkpoint_files(path);
+  const SafetensorsReader r(st_path);
+  check_hf_shape(r, st_path, config_path, m);
+  std::string found;
 
   // Every tensor read, placed (transposed where Conv1D), and accounted for.
   std::vector<bool> used(r.entries().size(), false);
