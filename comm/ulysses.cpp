@@ -130,25 +130,27 @@ UlyssesAllToAll::UlyssesAllToAll(Communicator* seq, UlyssesHeadPlan plan, int B,
     else
       for (size_t c = 0; c < chunks_.size(); ++c) requests_.push_back(seq_->make_request());
   }
-  if (ctx && ctx->device == Device::cuda) {
-    // the four maps as i32 rows (an int64 offset is two i32), copied once to a device arena
-    auto host = [](const auto& v) {
-      const int64_t n = int64_t(v.size() * sizeof(v[0]) / 4);
-      return Tensor(const_cast<void*>(static_cast<const void*>(v.data())), {n}, DType::i32, Device::cpu);
-    };
-    const Tensor src[4] = {host(plan_.qkv_heads), host(plan_.qkv_offsets), host(plan_.out_heads),
-                           host(plan_.out_offsets)};
-    Tensor* dst[4] = {&qkv_heads_dev_, &qkv_offsets_dev_, &out_heads_dev_, &out_offsets_dev_};
-    device_maps_ = Arena("Ulysses head maps", Device::cuda);
-    size_t offsets[4];
-    for (int i = 0; i < 4; ++i) offsets[i] = device_maps_.reserve(src[i].bytes());
-    device_maps_.allocate(/*zero=*/false);
-    for (int i = 0; i < 4; ++i) {
-      *dst[i] = device_maps_.tensor(offsets[i], {src[i].numel()}, DType::i32);
-      ops::copy(*ctx, *dst[i], src[i]);
-    }
-    ops::synchronize(*ctx);  // from pageable host memory: done before anything can change plan_
+  if (ctx && ctx->device == Device::cuda) upload_head_maps(*ctx);
+}
+
+// The four maps as i32 rows (an int64 offset is two i32), copied once to a device arena.
+void UlyssesAllToAll::upload_head_maps(ops::Context& ctx) {
+  auto host = [](const auto& v) {
+    const int64_t n = int64_t(v.size() * sizeof(v[0]) / 4);
+    return Tensor(const_cast<void*>(static_cast<const void*>(v.data())), {n}, DType::i32, Device::cpu);
+  };
+  const Tensor src[4] = {host(plan_.qkv_heads), host(plan_.qkv_offsets), host(plan_.out_heads),
+                         host(plan_.out_offsets)};
+  Tensor* dst[4] = {&qkv_heads_dev_, &qkv_offsets_dev_, &out_heads_dev_, &out_offsets_dev_};
+  device_maps_ = Arena("Ulysses head maps", Device::cuda);
+  size_t offsets[4];
+  for (int i = 0; i < 4; ++i) offsets[i] = device_maps_.reserve(src[i].bytes());
+  device_maps_.allocate(/*zero=*/false);
+  for (int i = 0; i < 4; ++i) {
+    *dst[i] = device_maps_.tensor(offsets[i], {src[i].numel()}, DType::i32);
+    ops::copy(ctx, *dst[i], src[i]);
   }
+  ops::synchronize(ctx);  // from pageable host memory: done before anything can change plan_
 }
 
 UlyssesAllToAll::HeadMaps UlyssesAllToAll::maps() const {

@@ -163,6 +163,8 @@ class UlyssesAllToAll {
   Counts& mutable_chunk_counts_for_testing(Pattern p, int c) { return chunk_counts_[p][size_t(c)]; }
 
  private:
+  // cuda: the head maps into device_maps_, for the layout kernels (the constructor calls it)
+  void upload_head_maps(ops::Context& ctx);
   void exchange(const Counts& c, DType t);
   // the chunked exchanges: start chunk c of pattern p (send_ -> recv_), wait for chunk c
   void start(ops::Context& ctx, Pattern p, int c, DType t);

@@ -127,7 +127,8 @@ Field field(const char* path, Group Config::*group, T Group::*member) {
 const std::vector<std::string> kGroups = {"model",   "parallel",   "train",  "data",
                                           "runtime", "checkpoint", "logging"};
 
-// Every loadable key, in the order to_yaml() prints them.
+// Every loadable key, in the order to_yaml() prints them. One table, a row per key, so longer than
+// a screen on purpose: adding a key is adding its row here (docs/design.md).
 const std::vector<Field>& config_fields() {
   using C = Config;
   static const std::vector<Field> fields = [] {

@@ -378,6 +378,8 @@ void build_forward(Plan& plan, cudnnHandle_t handle, const Shape& s) {
                      version_string(cudnnGetVersion()), s.str(), why);
 }
 
+// One function over ~80 lines on purpose: it is the backward graph written out node by node in
+// the order of the maths (like build_forward above), and splitting it would scatter one graph.
 void build_backward(Plan& plan, cudnnHandle_t handle, const Shape& s) {
   GraphBuilder g(plan, handle, "building the SDPA backward graph for " + s.str());
   auto q = g.tensor(kQ, CUDNN_DATA_BFLOAT16, s.heads_dims(s.Hq), s.qkv_strides());
