@@ -133,6 +133,8 @@ struct ForwardSmem {
   static constexpr int kBytes = kStat + kTile * 4;
 };
 
+// (About 90 lines on purpose, like the backward kernel below: one block's whole loop over the key
+// tiles, kept in one function so its shared-memory and register use reads in one place.)
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(bf16* out, float* lse, const bf16* qkv, int N, int Hq, int Hkv, float scale_log2) {
@@ -251,7 +253,8 @@ struct BackwardKVSmem {
   static constexpr int kBytes = kDvec + kTile * 4;
 };
 
-// dvec: [B, Hq, N] = rowsum(dout * out) (fp32)
+// dvec: [B, Hq, N] = rowsum(dout * out) (fp32). One block's whole loop over the query tiles
+// (about 90 lines: see the forward kernel).
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_kv_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
