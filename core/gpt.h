@@ -26,6 +26,10 @@
 //         outputs' copies to and from pinned host memory run on a second stream of the model's,
 //         ordered against context().stream() by events only (no host wait; see kCheckpointSlots).
 // A model built with shared_params shares the master and the compute buffers of the other.
+//
+// Implemented in core/gpt.cpp (forward and backward), core/gpt_params.cpp (parameters, init),
+// core/gpt_layout.cpp (the constructor, the activation arena) and core/gpt_offload.cpp (pinned
+// staging, offloaded checkpoints), around the private structs of core/gpt_internal.h.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -294,6 +298,11 @@ class GPT {
   struct Activations;  // every view into the activation arena
   struct HostStaging;  // pinned host buffer for the input copies (cuda)
   struct CheckpointOffload;  // runtime.offload = checkpoints: pinned host copies, stream, events
+  struct ActivationPlanner;  // one lay_out call: reserves the views in the arena, in order
+  // the constructor's steps (core/gpt_params.cpp, core/gpt_layout.cpp)
+  void allocate_parameters(GPT* shared_params);  // parameter, compute-copy and gradient arenas
+  void set_up_ulysses();                         // the all-to-alls and this rank's heads
+  void allocate_activations();                   // the activation arena, from lay_out
   static void lay_out(const GPTShape& s, const GPTRunShape& run, int hq, int hkv, size_t sp_scratch, Device device,
                       Activations& A, Arena& arena, std::vector<ActivationBuffer>* list,
                       std::vector<std::pair<Tensor*, size_t>>* slots);

@@ -9,7 +9,7 @@ its `attention fwd+bwd` lines:
   forward FLOPs  = 4 * B * H * N^2 * d / 2   (QK^T and PV over the causal half)
   backward FLOPs = 2.5 * forward             (FlashAttention's convention)
   fwd+bwd        = 3.5 * forward
-(The model's MFU formula, core/gpt.cpp flops_per_token, counts attention backward as 2x forward
+(The model's MFU formula, core/gpt_params.cpp flops_per_token, counts attention backward as 2x forward
 instead; this script follows the kernel benchmark, not the model.)
 Timing: mean of `reps` calls between CUDA events after two warm-up calls; the backward is
 torch.autograd.grad of the saved forward (dq, dk, dv returned, not accumulated).

@@ -13,7 +13,7 @@ The step: bf16 autocast over fp32 parameters, F.scaled_dot_product_attention(is_
 the flash backend forced, fused AdamW on CUDA, optional torch.compile, optional per-block activation
 checkpointing (--recompute full, the counterpart of runtime.recompute: full).
 
-FLOPs: the formula of core/gpt.cpp flops_per_token(causal_halved = true):
+FLOPs: the formula of core/gpt_params.cpp flops_per_token(causal_halved = true):
   6 * (parameters - position table) + 6 * L * C * N      per token (recomputation not counted)
 MFU divides by the dense bf16 peak of the GPU (PEAK_TFLOPS below; the same table as docs/benchmarks.md).
 
@@ -74,14 +74,14 @@ class Shape:
         self.rope, self.rope_theta = rope, rope_theta
 
     def num_parameters(self):
-        # core/gpt.cpp parameter_specs: the 16 tensors in llm.c order
+        # core/gpt_params.cpp parameter_specs: the 16 tensors in llm.c order
         L, C, qkv = self.L, self.C, (self.Hq + 2 * self.Hkv) * self.d
         wpe = 0 if self.rope else self.maxT * C
         return (self.Vp * C + wpe + 2 * L * C + L * qkv * C + L * qkv + L * C * C + L * C + 2 * L * C
                 + L * 4 * C * C + L * 4 * C + L * C * 4 * C + L * C + 2 * C)
 
     def flops_per_token(self, N):
-        # core/gpt.cpp flops_per_token(s, N, causal_halved = true)
+        # core/gpt_params.cpp flops_per_token(s, N, causal_halved = true)
         matmul_params = self.num_parameters() - (0 if self.rope else self.maxT * self.C)
         attention = 12 * self.L * self.C * N
         return 6 * matmul_params + attention // 2

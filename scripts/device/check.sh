@@ -245,7 +245,7 @@ def cell(row, key, fmt):
     return "-" if v is None else fmt.format(v)
 
 print(f"training step ({gpu or 'unknown GPU'}, MFU against {peak or '?'} TFLOP/s bf16 dense; "
-      "FLOPs = core/gpt.cpp flops_per_token, causal attention halved)")
+      "FLOPs = core/gpt_params.cpp flops_per_token, causal attention halved)")
 hdr = f"{'shape':<22} {'run':<8} {'recompute':<20} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8}"
 print(hdr)
 shapes = [("GPT-2 124M B16 N1K", "124m_n1k"), ("GPT 1.3B B1 N8K", "1p3b_n8k"), ("GPT 1.3B B1 N32K", "1p3b_n32k")]
