@@ -18,20 +18,12 @@
 #include "core/config.h"
 #include "core/base/error.h"
 #include "core/gpt.h"
+#include "fuzz/seed_model.h"
 
 namespace fs = std::filesystem;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  // The model of the seed checkpoints (fuzz.sh): 1 layer, 16 wide, 2 heads, 32 positions.
-  static const ulysses::GPTShape shape = [] {
-    ulysses::ModelConfig m;
-    m.n_layer = 1;
-    m.n_embd = 16;
-    m.n_head = 2;
-    m.max_seq_len = 32;
-    m.vocab_size = 256;
-    return ulysses::GPTShape::from(m);
-  }();
+  static const ulysses::GPTShape shape = ulysses::GPTShape::from(ulysses::fuzz::seed_model());
   static const int64_t n = ulysses::num_parameters(shape);
   static std::vector<float> params = std::vector<float>(size_t(n)), m = params, v = params;
   static const fs::path dir = fs::temp_directory_path() / ("ulysses_fuzz_ckpt_" + std::to_string(::getpid()));

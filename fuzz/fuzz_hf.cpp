@@ -19,20 +19,12 @@
 #include "core/base/error.h"
 #include "core/hf.h"
 #include "core/llmc.h"
+#include "fuzz/seed_model.h"
 
 namespace fs = std::filesystem;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  // The model of the seed exports (ci-extra.sh): 1 layer, 16 wide, 2 heads, 32 positions, V 256.
-  static const ulysses::ModelConfig model = [] {
-    ulysses::ModelConfig m;
-    m.n_layer = 1;
-    m.n_embd = 16;
-    m.n_head = 2;
-    m.max_seq_len = 32;
-    m.vocab_size = 256;
-    return m;
-  }();
+  static const ulysses::ModelConfig model = ulysses::fuzz::seed_model();
   static std::vector<float> params(ulysses::llmc_param_count(ulysses::llmc_header_for(model)));
   static const fs::path dir = fs::temp_directory_path() / ("ulysses_fuzz_hf_" + std::to_string(::getpid()));
 
