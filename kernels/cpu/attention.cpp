@@ -125,8 +125,11 @@ void load_rows(float* dst, int dp, const float* base, const Packed& p, int b, in
 
 // The keys or values of heads [head0, head0 + n_heads) rearranged once per call, so that the
 // tile products read their K, K^T or V tiles in place instead of copying (and for K^T
-// transposing) one per tile pair, which took about as long as the products. Parallel over
-// (batch, head, block of kTile rows); rows [N, n_pad) and columns [d, dp) are zero.
+// transposing) one per tile pair, which took about as long as the products. A work-sharing loop
+// over (batch, head, block of kTile rows) without a barrier: called by every thread of the
+// caller's parallel region (no region of its own: under load each extra region costs a
+// scheduler tick, which showed at N = 64), which then waits at a barrier before reading `out`.
+// Rows [N, n_pad) and columns [d, dp) are zero.
 //   transposed: out [B, n_heads, d, ld_t], out[b, k, c, t] = row t of head head0 + k, column c.
 //     ld_t = n_pad + 16 (HeadStrides): a power-of-two row stride would put all 64 rows of a
 //     K^T tile in the same few L1 sets.
@@ -142,7 +145,7 @@ struct HeadStrides {
 void rearrange_heads(float* out, bool transposed, const HeadStrides& hs, const float* qkv,
                      const Packed& p, int B, int head0, int n_heads) {
   const int blocks = hs.n_pad / kTile;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t task = 0; task < int64_t(B) * n_heads * blocks; task++) {
     const int blk = int(task % blocks), k = int((task / blocks) % n_heads);
     const int b = int(task / (int64_t(blocks) * n_heads));
@@ -185,11 +188,12 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
   // K^T and V of every kv head (each about as large as K itself)
   const HeadStrides hs{n_tiles * kTile, n_tiles * kTile + 16, dp};
   std::vector<float> KT(size_t(B) * Hkv * hs.transposed_head()), Vr(size_t(B) * Hkv * hs.rows_head());
-  rearrange_heads(KT.data(), true, hs, qkv, in, B, Hq, Hkv);
-  rearrange_heads(Vr.data(), false, hs, qkv, in, B, Hq + Hkv, Hkv);
 
 #pragma omp parallel
   {
+    rearrange_heads(KT.data(), true, hs, qkv, in, B, Hq, Hkv);
+    rearrange_heads(Vr.data(), false, hs, qkv, in, B, Hq + Hkv, Hkv);
+#pragma omp barrier
     std::vector<float> work(size_t(kTile) * (2 * dp + kTile + 2));
     float* Q = work.data();          // [kTile, dp]   scaled by 1/sqrt(d)
     float* acc = Q + kTile * dp;     // [kTile, dp]   unnormalised output
@@ -251,11 +255,12 @@ namespace {
 struct Backward {
   const float* dout;  // [B, N, Hq, d]
   const float* qkv;   // [B, N, Hq + 2 Hkv, d]
+  const float* out;   // [B, N, Hq, d]
   const float* lse;   // [B, Hq, N]
-  const float* D;     // [B, Hq, N] rowsum(dO * O)
-  const float* KT;    // [B, Hkv, d, ld_t] K^T   (rearrange_heads)
-  const float* VT;    // [B, Hkv, d, ld_t] V^T
-  const float* Kr;    // [B, Hkv, n_pad, dp] K
+  float* D;           // [B, Hq, N] rowsum(dO * O)        (made by prepare_backward)
+  float* KT;          // [B, Hkv, d, ld_t] K^T            (rearrange_heads)
+  float* VT;          // [B, Hkv, d, ld_t] V^T
+  float* Kr;          // [B, Hkv, n_pad, dp] K
   float* dqkv;        // [B, N, Hq + 2 Hkv, d]
   Packed in, o;
   HeadStrides hs;
@@ -264,6 +269,26 @@ struct Backward {
 };
 
 int tile_rows(const Backward& w, int tile) { return std::min(kTile, w.N - tile * kTile); }
+
+// D = rowsum(dO * O) and the rearranged keys and values; called by every thread of the
+// schedule's parallel region, so that one region does the whole backward.
+void prepare_backward(const Backward& w, int B) {
+#pragma omp for schedule(static) nowait
+  for (int64_t bh = 0; bh < int64_t(B) * w.Hq; bh++) {
+    const int b = int(bh / w.Hq), h = int(bh % w.Hq);
+    for (int t = 0; t < w.N; t++) {
+      const float* go = w.dout + w.o.offset(b, t, h);
+      const float* y = w.out + w.o.offset(b, t, h);
+      float s = 0.0f;
+      for (int c = 0; c < w.d; c++) s += go[c] * y[c];
+      w.D[size_t(bh) * w.N + t] = s;
+    }
+  }
+  rearrange_heads(w.KT, true, w.hs, w.qkv, w.in, B, w.Hq, w.Hkv);
+  rearrange_heads(w.VT, true, w.hs, w.qkv, w.in, B, w.Hq + w.Hkv, w.Hkv);
+  rearrange_heads(w.Kr, false, w.hs, w.qkv, w.in, B, w.Hq, w.Hkv);
+#pragma omp barrier
+}
 
 // One (query tile, key tile) pair's operands: Q (scaled by 1/sqrt(d)) and dO rows of the query
 // tile [iq4, dp] (zero rows past N), K rows [kTile, dp], K^T and V^T [d, ld_t] from the key
@@ -359,6 +384,7 @@ void backward_fused(const Backward& w, int B) {
   const size_t whole = size_t(w.n_pad) * w.dp;
 #pragma omp parallel
   {
+    prepare_backward(w, B);
     Tiles t;
     std::vector<float> buffers(5 * whole);
     float *Q = buffers.data(), *dO = Q + whole, *dQ = dO + whole, *dK = dQ + whole, *dV = dK + whole;
@@ -401,6 +427,7 @@ void backward_split(const Backward& w, int B) {
   const size_t tile = size_t(kTile) * w.dp;
 #pragma omp parallel
   {
+    prepare_backward(w, B);
     Tiles t;
     std::vector<float> buffers(5 * tile);
     float *Q = buffers.data(), *dO = Q + tile, *dQ = dO + tile, *dK = dQ + tile, *dV = dK + tile;
@@ -453,30 +480,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   const Packed o{N, Hq, d};
   const int n_tiles = (N + kTile - 1) / kTile, n_pad = n_tiles * kTile;
 
-  // D[b, h, t] = rowsum(dO * O), [B, Hq, N]: one small buffer per call (B·Hq·N floats, 0.2 MB at
-  // N = 4096 with 12 heads), next to K^T, V^T and K (each about as large as K) and the per-thread
-  // buffers.
-  std::vector<float> D(size_t(B) * Hq * N);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < int64_t(B) * Hq; bh++) {
-    const int b = int(bh / Hq), h = int(bh % Hq);
-    for (int t = 0; t < N; t++) {
-      const float* go = dout + o.offset(b, t, h);
-      const float* y = out + o.offset(b, t, h);
-      float s = 0.0f;
-      for (int c = 0; c < d; c++) s += go[c] * y[c];
-      D[size_t(bh) * N + t] = s;
-    }
-  }
+  // D [B, Hq, N] (B·Hq·N floats, 0.2 MB at N = 4096 with 12 heads), K^T, V^T and K (each about as
+  // large as K), filled by prepare_backward inside the schedule's parallel region.
   const int dp = round_up(d, 8);
   const HeadStrides hs{n_pad, n_pad + 16, dp};
-  std::vector<float> KT(size_t(B) * Hkv * hs.transposed_head()), VT(KT.size()),
-      Kr(size_t(B) * Hkv * hs.rows_head());
-  rearrange_heads(KT.data(), true, hs, qkv, in, B, Hq, Hkv);
-  rearrange_heads(VT.data(), true, hs, qkv, in, B, Hq + Hkv, Hkv);
-  rearrange_heads(Kr.data(), false, hs, qkv, in, B, Hq, Hkv);
+  std::vector<float> D(size_t(B) * Hq * N), KT(size_t(B) * Hkv * hs.transposed_head()),
+      VT(KT.size()), Kr(size_t(B) * Hkv * hs.rows_head());
 
-  const Backward w{dout, qkv, lse, D.data(), KT.data(), VT.data(), Kr.data(), dqkv, in, o, hs,
+  const Backward w{dout, qkv, out, lse, D.data(), KT.data(), VT.data(), Kr.data(), dqkv, in, o, hs,
                    N, Hq, Hkv, d, dp, Hq / Hkv, n_tiles, n_pad, 1.0f / std::sqrt(float(d))};
   // The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
   // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy. Both give the same bits, so
