@@ -19,8 +19,9 @@
 #      warm-up; its time is the median of steps 1..3), and
 #        ulysses bench --config configs/gpt2-124m.yaml --set train.seq_len=64
 #          --set train.micro_batch_size=4 --set runtime.threads=T --warmup 1 --repeat 3
-#      (median of 3 steps after 1 warm-up), and prints one table row per run, the load average
-#      at its start, the medians over the pairs and their ratio.
+#      (median of 3 steps after 1 warm-up), and prints one table row per run with the load
+#      average at its start and each pair's ratio, the medians over the pairs, the ratio of the
+#      medians and the median of the pairs' ratios.
 # Both use OMP_NUM_THREADS = --threads. The machine should be otherwise idle; if it is not, only
 # the ratio of the interleaved runs means anything (say the load when you quote it).
 set -euo pipefail
@@ -100,16 +101,19 @@ run_ulysses() {
 
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
 
-printf '\n%-5s %-8s %-10s %14s\n' pair program load step_ms
-llmc_ms=(); uly_ms=()
+printf '\n%-5s %-8s %-10s %14s %8s\n' pair program load step_ms ratio
+llmc_ms=(); uly_ms=(); ratios=()
 for ((p = 1; p <= pairs; p++)); do
   l=$(loadavg); t=$(run_llmc "$p"); llmc_ms+=("$t")
   printf '%-5s %-8s %-10s %14.1f\n' "$p" llm.c "$l" "$t"
-  l=$(loadavg); t=$(run_ulysses "$p"); uly_ms+=("$t")
-  printf '%-5s %-8s %-10s %14.1f\n' "$p" ulysses "$l" "$t"
+  l=$(loadavg); u=$(run_ulysses "$p"); uly_ms+=("$u")
+  r=$(awk -v a="$t" -v b="$u" 'BEGIN {print a / b}'); ratios+=("$r")
+  printf '%-5s %-8s %-10s %14.1f %7.2fx\n' "$p" ulysses "$l" "$u" "$r"
 done
 ml=$(printf '%s\n' "${llmc_ms[@]}" | median)
 mu=$(printf '%s\n' "${uly_ms[@]}" | median)
-printf '\nmedian over %d pairs: llm.c %.1f ms, ulysses %.1f ms, ratio %.2fx (%d threads)\n' \
-  "$pairs" "$ml" "$mu" "$(awk -v a="$ml" -v b="$mu" 'BEGIN {print a / b}')" "$threads"
+mr=$(printf '%s\n' "${ratios[@]}" | median)
+printf '\nmedian over %d pairs: llm.c %.1f ms, ulysses %.1f ms (ratio of the medians %.2fx); median of\n' \
+  "$pairs" "$ml" "$mu" "$(awk -v a="$ml" -v b="$mu" 'BEGIN {print a / b}')"
+printf 'the pairs'"'"' ratios %.2fx (%d threads). If the load column moves, trust neither.\n' "$mr" "$threads"
 echo "logs in $work"
