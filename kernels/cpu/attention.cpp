@@ -6,24 +6,29 @@
 // Forward, per (batch, query head, query tile of kTile rows): walk the key tiles left of and on
 // the diagonal, keep a running row max m and sum l (online softmax) and an unnormalised output
 // accumulator; key tiles above the diagonal are never touched, the diagonal tile is masked
-// inside. Nothing of size N×N is ever allocated: the work buffers are O(kTile·d) per thread.
+// inside. Nothing of size N×N is ever allocated: K^T and V (backward: K^T, V^T and K) are
+// rearranged once per call into buffers as large as K (rearrange_heads), and the per-thread work
+// buffers are O(kTile·d) (forward) or O(N·d) (fused backward: one query head's Q, dO, dQ and one
+// kv head's dK, dV whole).
 //
-// Backward: for each key tile, for every query head of the group and every query tile on or
-// below the diagonal, recompute P = exp(S - lse) and
+// Backward: for every query head of the group, key tile j and query tile i >= j, recompute
+// P = exp(S - lse) and
 //   dV_j += P^T dO_i;  dP = dO_i V_j^T;  dS = P * (dP - D_i)   with D_i = rowsum(dO_i * O_i)
-//   dQ_i += dS K_j / sqrt(d);  dK_j += dS^T Q_i / sqrt(d).
+//   dQ_i += dS K_j;  dK_j += dS^T Q_i / sqrt(d)   (Q loaded scaled; dq = dQ / sqrt(d) at the end).
 // Two schedules (attention_backward picks one by how many threads B * Hkv tasks would keep busy):
 //   fused: one task per (batch, kv head) does all of it (5 tile products per tile pair);
 //   split: parallel over (batch, kv head, key tile) for dK and dV, then over (batch, query head,
 //          query tile) for dQ, which recomputes P and dS (7 tile products per pair), so B = 1 with
 //          one kv head still uses every thread.
-// In both every row of dq, dk, dv is written by one task, and dQ_i is summed over key tiles
-// j = 0, 1, ..., i in that order with the same arithmetic: there are no races and the result is
-// bitwise the same for any thread count and either schedule (tested).
+// In both every row of dq, dk, dv is written by one task, dQ_i is summed over key tiles
+// j = 0, 1, ..., i in that order and dK_j, dV_j over (query head, query tile) in that order, with
+// the same arithmetic: there are no races and the result is bitwise the same for any thread
+// count and either schedule (tested).
 //
-// Stages: load a tile into a local buffer (zero-padded to the micro-kernel's 4-row blocking, head
-// dimension padded to dp = round_up(d, 8)), multiply tiles with tile_gemm (a register-blocked
-// loop nest on 8-float AVX vectors), and the softmax step on rows with the vectorisable exp.
+// Stages: rearrange the keys and values once per call and load the query side once per task (zero-
+// padded to the micro-kernel's 4-row blocking, head dimension padded to dp = round_up(d, 8)), so
+// that every tile operand is read in place; multiply tiles with tile_gemm (a register-blocked
+// loop nest on 8-float AVX vectors); the softmax step on rows with the vectorisable exp.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -118,14 +123,47 @@ void load_rows(float* dst, int dp, const float* base, const Packed& p, int b, in
   std::fill(dst + rows * dp, dst + rows_padded * dp, 0.0f);
 }
 
-// dst[c, r] = src(row0 + r)[c] for c < d (row stride kTile); columns [rows, rows_padded) zero.
-void load_transposed(float* dst, const float* base, const Packed& p, int b, int row0, int head,
-                     int rows, int rows_padded) {
-  for (int r = 0; r < rows; r++) {
-    const float* src = base + p.offset(b, row0 + r, head);
-    for (int c = 0; c < p.d; c++) dst[c * kTile + r] = src[c];
+// The keys or values of heads [head0, head0 + n_heads) rearranged once per call, so that the
+// tile products read their K, K^T or V tiles in place instead of copying (and for K^T
+// transposing) one per tile pair, which took about as long as the products. A work-sharing loop
+// over (batch, head, block of kTile rows) without a barrier: called by every thread of the
+// caller's parallel region (no region of its own: under load each extra region costs a
+// scheduler tick, which showed at N = 64), which then waits at a barrier before reading `out`.
+// Rows [N, n_pad) and columns [d, dp) are zero.
+//   transposed: out [B, n_heads, d, ld_t], out[b, k, c, t] = row t of head head0 + k, column c.
+//     ld_t = n_pad + 16 (HeadStrides): a power-of-two row stride would put all 64 rows of a
+//     K^T tile in the same few L1 sets.
+//   else:       out [B, n_heads, n_pad, dp], contiguous rows (a 64-row tile is 64 · dp floats
+//     in a row; read in place from the packed [B, N, H, d] buffer, a tile's rows are H · d floats
+//     apart and conflict in L1 the same way).
+struct HeadStrides {
+  int n_pad, ld_t, dp;
+  int64_t transposed_head() const { return int64_t(ld_t) * dp; }  // d <= dp rows used
+  int64_t rows_head() const { return int64_t(n_pad) * dp; }
+};
+
+void rearrange_heads(float* out, bool transposed, const HeadStrides& hs, const float* qkv,
+                     const Packed& p, int B, int head0, int n_heads) {
+  const int blocks = hs.n_pad / kTile;
+#pragma omp for schedule(static) nowait
+  for (int64_t task = 0; task < int64_t(B) * n_heads * blocks; task++) {
+    const int blk = int(task % blocks), k = int((task / blocks) % n_heads);
+    const int b = int(task / (int64_t(blocks) * n_heads));
+    const int t0 = blk * kTile, rows = std::min(kTile, std::max(0, p.N - t0));
+    const int64_t head = int64_t(b) * n_heads + k;
+    if (transposed) {
+      float* dst = out + head * hs.transposed_head();
+      for (int r = 0; r < rows; r++) {
+        const float* src = qkv + p.offset(b, t0 + r, head0 + k);
+        for (int c = 0; c < p.d; c++) dst[int64_t(c) * hs.ld_t + t0 + r] = src[c];
+      }
+      for (int c = 0; c < p.d; c++)
+        std::fill(dst + int64_t(c) * hs.ld_t + t0 + rows, dst + int64_t(c) * hs.ld_t + t0 + kTile, 0.0f);
+    } else {
+      load_rows(out + head * hs.rows_head() + int64_t(t0) * hs.dp, hs.dp, qkv, p, b, t0, head0 + k,
+                rows, kTile, 1.0f);
+    }
   }
-  for (int c = 0; c < p.d; c++) std::fill(dst + c * kTile + rows, dst + c * kTile + rows_padded, 0.0f);
 }
 
 void check_shapes(int B, int N, int Hq, int Hkv, int d) {
@@ -147,14 +185,19 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
   const int n_tiles = (N + kTile - 1) / kTile;
   const int64_t n_tasks = int64_t(B) * Hq * n_tiles;
 
+  // K^T and V of every kv head (each about as large as K itself)
+  const HeadStrides hs{n_tiles * kTile, n_tiles * kTile + 16, dp};
+  std::vector<float> KT(size_t(B) * Hkv * hs.transposed_head()), Vr(size_t(B) * Hkv * hs.rows_head());
+
 #pragma omp parallel
   {
-    std::vector<float> work(size_t(kTile) * (3 * dp + d + kTile + 2));
+    rearrange_heads(KT.data(), true, hs, qkv, in, B, Hq, Hkv);
+    rearrange_heads(Vr.data(), false, hs, qkv, in, B, Hq + Hkv, Hkv);
+#pragma omp barrier
+    std::vector<float> work(size_t(kTile) * (2 * dp + kTile + 2));
     float* Q = work.data();          // [kTile, dp]   scaled by 1/sqrt(d)
-    float* V = Q + kTile * dp;       // [kTile, dp]
-    float* acc = V + kTile * dp;     // [kTile, dp]   unnormalised output
-    float* Kt = acc + kTile * dp;    // [d, kTile]    the key tile, transposed
-    float* S = Kt + kTile * d;       // [kTile, kTile] scores, then probabilities
+    float* acc = Q + kTile * dp;     // [kTile, dp]   unnormalised output
+    float* S = acc + kTile * dp;     // [kTile, kTile] scores, then probabilities
     float* m = S + kTile * kTile;    // [kTile] running max
     float* l = m + kTile;            // [kTile] running sum
 
@@ -166,6 +209,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
       const int b = int(task / (int64_t(n_tiles) * Hq));
       const int kvh = h / group;
       const int i0 = qt * kTile, iq = std::min(kTile, N - i0), iq4 = round_up(iq, 4);
+      const float* KT_h = KT.data() + (int64_t(b) * Hkv + kvh) * hs.transposed_head();
+      const float* V_h = Vr.data() + (int64_t(b) * Hkv + kvh) * hs.rows_head();
 
       load_rows(Q, dp, qkv, in, b, i0, h, iq, iq4, scale);
       std::fill(acc, acc + iq4 * dp, 0.0f);
@@ -175,9 +220,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
       for (int kt = 0; kt <= qt; kt++) {
         const int j0 = kt * kTile, jk = std::min(kTile, N - j0), jk8 = round_up(jk, 8);
         const bool diagonal = kt == qt;  // equal tiles: key j visible to query i iff j <= i
-        load_transposed(Kt, qkv, in, b, j0, Hq + kvh, jk, jk8);
-        load_rows(V, dp, qkv, in, b, j0, Hq + Hkv + kvh, jk, jk, 1.0f);
-        tile_gemm<false>(S, kTile, Q, dp, Kt, kTile, iq4, jk8, d);  // S = Q K^T / sqrt(d)
+        tile_gemm<false>(S, kTile, Q, dp, KT_h + j0, hs.ld_t, iq4, jk8, d);  // S = Q K^T / sqrt(d)
 
         // online softmax: rescale the row's running state to the new max, add this tile
         for (int i = 0; i < iq; i++) {
@@ -193,7 +236,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
             for (int c = 0; c < dp; c++) acc[i * dp + c] *= correction;
         }
         // the padding rows [iq, iq4) of S are zero (zero queries) and add nothing
-        tile_gemm<true>(acc, dp, S, kTile, V, dp, iq4, dp, jk);  // acc += P V
+        tile_gemm<true>(acc, dp, S, kTile, V_h + int64_t(j0) * dp, dp, iq4, dp, jk);  // acc += P V
       }
 
       for (int i = 0; i < iq; i++) {
@@ -208,62 +251,88 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
 
 namespace {
 
-// The backward pass's shapes, inputs and the per-thread tiles of one (query tile, key tile) pair.
+// The backward pass's shapes and inputs.
 struct Backward {
   const float* dout;  // [B, N, Hq, d]
   const float* qkv;   // [B, N, Hq + 2 Hkv, d]
+  const float* out;   // [B, N, Hq, d]
   const float* lse;   // [B, Hq, N]
-  const float* D;     // [B, Hq, N] rowsum(dO * O)
+  float* D;           // [B, Hq, N] rowsum(dO * O)        (made by prepare_backward)
+  float* KT;          // [B, Hkv, d, ld_t] K^T            (rearrange_heads)
+  float* VT;          // [B, Hkv, d, ld_t] V^T
+  float* Kr;          // [B, Hkv, n_pad, dp] K
   float* dqkv;        // [B, N, Hq + 2 Hkv, d]
   Packed in, o;
-  int N, Hq, Hkv, d, dp, group, n_tiles;
+  HeadStrides hs;
+  int N, Hq, Hkv, d, dp, group, n_tiles, n_pad;
   float scale;
-};
-
-struct Tiles {
-  std::vector<float> work;
-  float *K, *dK, *dV, *Q, *dO, *dQ, *Kt, *Vt, *P, *dS;
-  explicit Tiles(int d, int dp) : work(size_t(kTile) * (6 * dp + 2 * d + 2 * kTile)) {
-    K = work.data();          // [kTile, dp]
-    dK = K + kTile * dp;      // [kTile, dp]
-    dV = dK + kTile * dp;     // [kTile, dp]
-    Q = dV + kTile * dp;      // [kTile, dp]  scaled by 1/sqrt(d)
-    dO = Q + kTile * dp;      // [kTile, dp]
-    dQ = dO + kTile * dp;     // [kTile, dp]  this tile pair's dS K
-    Kt = dQ + kTile * dp;     // [d, kTile]
-    Vt = Kt + kTile * d;      // [d, kTile]
-    P = Vt + kTile * d;       // [kTile, kTile]
-    dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
-  }
 };
 
 int tile_rows(const Backward& w, int tile) { return std::min(kTile, w.N - tile * kTile); }
 
-// K [jk, dp], K^T and V^T [d, kTile] of key tile kt (kv head kvh).
-void load_key_tile(Tiles& t, const Backward& w, int b, int kvh, int kt) {
-  const int j0 = kt * kTile, jk = tile_rows(w, kt), jk8 = round_up(jk, 8);
-  load_rows(t.K, w.dp, w.qkv, w.in, b, j0, w.Hq + kvh, jk, jk, 1.0f);
-  load_transposed(t.Kt, w.qkv, w.in, b, j0, w.Hq + kvh, jk, jk8);
-  load_transposed(t.Vt, w.qkv, w.in, b, j0, w.Hq + w.Hkv + kvh, jk, jk8);
+// D = rowsum(dO * O) and the rearranged keys and values; called by every thread of the
+// schedule's parallel region, so that one region does the whole backward.
+void prepare_backward(const Backward& w, int B) {
+#pragma omp for schedule(static) nowait
+  for (int64_t bh = 0; bh < int64_t(B) * w.Hq; bh++) {
+    const int b = int(bh / w.Hq), h = int(bh % w.Hq);
+    for (int t = 0; t < w.N; t++) {
+      const float* go = w.dout + w.o.offset(b, t, h);
+      const float* y = w.out + w.o.offset(b, t, h);
+      float s = 0.0f;
+      for (int c = 0; c < w.d; c++) s += go[c] * y[c];
+      w.D[size_t(bh) * w.N + t] = s;
+    }
+  }
+  rearrange_heads(w.KT, true, w.hs, w.qkv, w.in, B, w.Hq, w.Hkv);
+  rearrange_heads(w.VT, true, w.hs, w.qkv, w.in, B, w.Hq + w.Hkv, w.Hkv);
+  rearrange_heads(w.Kr, false, w.hs, w.qkv, w.in, B, w.Hq, w.Hkv);
+#pragma omp barrier
 }
 
-// Q (scaled) and dO [iq4, dp] of query tile qt of head h, zero-padded.
-void load_query_tile(Tiles& t, const Backward& w, int b, int h, int qt) {
-  const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
-  load_rows(t.Q, w.dp, w.qkv, w.in, b, i0, h, iq, iq4, w.scale);
-  load_rows(t.dO, w.dp, w.dout, w.o, b, i0, h, iq, iq4, 1.0f);
+// One (query tile, key tile) pair's operands: Q (scaled by 1/sqrt(d)) and dO rows of the query
+// tile [iq4, dp] (zero rows past N), K rows [kTile, dp], K^T and V^T [d, ld_t] from the key
+// tile's first column on.
+struct PairOperands {
+  const float *Q, *dO, *K, *KT, *VT;
+};
+
+// Per-thread tiles of one pair.
+struct Tiles {
+  std::vector<float> work;
+  float *P, *dS;
+  Tiles() : work(size_t(2) * kTile * kTile) {
+    P = work.data();          // [kTile, kTile]
+    dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
+  }
+};
+
+PairOperands key_operands(const Backward& w, int b, int kvh, int kt) {
+  PairOperands op{};
+  const int64_t head = int64_t(b) * w.Hkv + kvh;
+  op.KT = w.KT + head * w.hs.transposed_head() + kt * kTile;
+  op.VT = w.VT + head * w.hs.transposed_head() + kt * kTile;
+  op.K = w.Kr + head * w.hs.rows_head() + int64_t(kt) * kTile * w.dp;
+  return op;
+}
+
+// Q (scaled) and dO [n_pad, dp] of query head h, zero-padded.
+void load_query_head(float* Q, float* dO, const Backward& w, int b, int h) {
+  load_rows(Q, w.dp, w.qkv, w.in, b, 0, h, w.N, w.n_pad, w.scale);
+  load_rows(dO, w.dp, w.dout, w.o, b, 0, h, w.N, w.n_pad, 1.0f);
 }
 
 // P = exp(S - lse) and dS = P * (dO V^T - D) [iq4, jk8] for query tile qt (head h) against key
 // tile kt; masked and padding entries are 0 (the padding rows [iq, iq4) too: zero Q and dO rows).
-void probs_and_dscores(Tiles& t, const Backward& w, int b, int h, int qt, int kt) {
+void probs_and_dscores(Tiles& t, const PairOperands& op, const Backward& w, int b, int h, int qt,
+                       int kt) {
   const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
   const int jk = tile_rows(w, kt), jk8 = round_up(jk, 8);
   const bool diagonal = qt == kt;
   const float* lse_h = w.lse + (int64_t(b) * w.Hq + h) * w.N;
   const float* D_h = w.D + (int64_t(b) * w.Hq + h) * w.N;
-  tile_gemm<false>(t.P, kTile, t.Q, w.dp, t.Kt, kTile, iq4, jk8, w.d);    // S
-  tile_gemm<false>(t.dS, kTile, t.dO, w.dp, t.Vt, kTile, iq4, jk8, w.d);  // dP = dO V^T
+  tile_gemm<false>(t.P, kTile, op.Q, w.dp, op.KT, w.hs.ld_t, iq4, jk8, w.d);    // S
+  tile_gemm<false>(t.dS, kTile, op.dO, w.dp, op.VT, w.hs.ld_t, iq4, jk8, w.d);  // dP = dO V^T
   for (int i = 0; i < iq; i++) {
     const int jn = diagonal ? std::min(jk, i + 1) : jk;
     float* p = t.P + i * kTile;
@@ -275,64 +344,75 @@ void probs_and_dscores(Tiles& t, const Backward& w, int b, int h, int qt, int kt
   }
 }
 
-// dV += P^T dO, dK += dS^T Q (Q scaled) for the key tile [jk4, dp].
-void add_dk_dv(Tiles& t, const Backward& w, int qt, int kt) {
+// dV += P^T dO, dK += dS^T Q (Q scaled) for the key tile ([jk4, dp] accumulators).
+void add_dk_dv(float* dK, float* dV, const Tiles& t, const PairOperands& op, const Backward& w,
+               int qt, int kt) {
   const int iq = tile_rows(w, qt), jk4 = round_up(tile_rows(w, kt), 4);
-  tile_gemm<true, true>(t.dV, w.dp, t.P, kTile, t.dO, w.dp, jk4, w.dp, iq);
-  tile_gemm<true, true>(t.dK, w.dp, t.dS, kTile, t.Q, w.dp, jk4, w.dp, iq);
+  tile_gemm<true, true>(dV, w.dp, t.P, kTile, op.dO, w.dp, jk4, w.dp, iq);
+  tile_gemm<true, true>(dK, w.dp, t.dS, kTile, op.Q, w.dp, jk4, w.dp, iq);
 }
 
-// dq rows of query tile qt (head h) += dS K / sqrt(d). Called for kt = 0, 1, ..., qt in this
-// order by both schedules below, so dq is the same sum in the same order.
-void add_dq(Tiles& t, const Backward& w, int b, int h, int qt, int kt) {
-  const int i0 = qt * kTile, iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
-  tile_gemm<false>(t.dQ, w.dp, t.dS, kTile, t.K, w.dp, iq4, w.dp, tile_rows(w, kt));
-  for (int i = 0; i < iq; i++) {
-    float* dq = w.dqkv + w.in.offset(b, i0 + i, h);
-    for (int c = 0; c < w.d; c++) dq[c] += t.dQ[i * w.dp + c] * w.scale;
-  }
+// dQ [iq4, dp] += dS K for the query tile. Both schedules call it for kt = 0, 1, ..., qt in this
+// order on a zeroed accumulator and scale by 1/sqrt(d) once at the end (store_dq), so dq is the
+// same sum in the same order.
+void add_dq(float* dQ, const Tiles& t, const PairOperands& op, const Backward& w, int qt, int kt) {
+  tile_gemm<true>(dQ, w.dp, t.dS, kTile, op.K, w.dp, round_up(tile_rows(w, qt), 4), w.dp,
+                  tile_rows(w, kt));
 }
 
-void zero_dq(const Backward& w, int b, int h, int qt) {
+void store_dq(const float* dQ, const Backward& w, int b, int h, int qt) {
   for (int i = 0; i < tile_rows(w, qt); i++) {
     float* dq = w.dqkv + w.in.offset(b, qt * kTile + i, h);
-    std::fill(dq, dq + w.d, 0.0f);
+    for (int c = 0; c < w.d; c++) dq[c] = dQ[i * w.dp + c] * w.scale;
   }
 }
 
-void store_dk_dv(const Tiles& t, const Backward& w, int b, int kvh, int kt) {
+void store_dk_dv(const float* dK, const float* dV, const Backward& w, int b, int kvh, int kt) {
   for (int j = 0; j < tile_rows(w, kt); j++) {
     const int row = kt * kTile + j;
-    std::copy(t.dK + j * w.dp, t.dK + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + kvh));
-    std::copy(t.dV + j * w.dp, t.dV + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + w.Hkv + kvh));
+    std::copy(dK + j * w.dp, dK + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + kvh));
+    std::copy(dV + j * w.dp, dV + j * w.dp + w.d, w.dqkv + w.in.offset(b, row, w.Hq + w.Hkv + kvh));
   }
 }
 
-// Fused: one task per (batch, kv head) walks every key tile and, for each, every query tile of
-// the group on or below the diagonal, accumulating dK, dV and dq together (5 tile products).
+// Fused: one task per (batch, kv head). For each query head of the group it loads that head's Q
+// and dO whole ([n_pad, dp], once instead of once per tile pair) and walks every key tile and
+// every query tile on or below the diagonal, accumulating dK, dV (whole-sequence buffers, the
+// same sums in the same order as the tile buffers of the split schedule: query head outer,
+// query tile inner) and dQ together (5 tile products). Per thread 5 · n_pad · dp floats.
 void backward_fused(const Backward& w, int B) {
+  const size_t whole = size_t(w.n_pad) * w.dp;
 #pragma omp parallel
   {
-    Tiles t(w.d, w.dp);
+    prepare_backward(w, B);
+    Tiles t;
+    std::vector<float> buffers(5 * whole);
+    float *Q = buffers.data(), *dO = Q + whole, *dQ = dO + whole, *dK = dQ + whole, *dV = dK + whole;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < B * w.Hkv; task++) {
       const int b = task / w.Hkv, kvh = task % w.Hkv;
-      for (int g = 0; g < w.group; g++)
-        for (int qt = 0; qt < w.n_tiles; qt++) zero_dq(w, b, kvh * w.group + g, qt);
-      for (int kt = 0; kt < w.n_tiles; kt++) {
-        load_key_tile(t, w, b, kvh, kt);
-        std::fill(t.dK, t.dK + kTile * w.dp, 0.0f);
-        std::fill(t.dV, t.dV + kTile * w.dp, 0.0f);
-        for (int g = 0; g < w.group; g++)
+      std::fill(dK, dK + whole, 0.0f);
+      std::fill(dV, dV + whole, 0.0f);
+      for (int g = 0; g < w.group; g++) {
+        const int h = kvh * w.group + g;
+        load_query_head(Q, dO, w, b, h);
+        std::fill(dQ, dQ + whole, 0.0f);
+        for (int kt = 0; kt < w.n_tiles; kt++) {
+          PairOperands op = key_operands(w, b, kvh, kt);
+          float* dK_j = dK + size_t(kt) * kTile * w.dp;
+          float* dV_j = dV + size_t(kt) * kTile * w.dp;
           for (int qt = kt; qt < w.n_tiles; qt++) {
-            const int h = kvh * w.group + g;
-            load_query_tile(t, w, b, h, qt);
-            probs_and_dscores(t, w, b, h, qt, kt);
-            add_dk_dv(t, w, qt, kt);
-            add_dq(t, w, b, h, qt, kt);
+            op.Q = Q + size_t(qt) * kTile * w.dp;
+            op.dO = dO + size_t(qt) * kTile * w.dp;
+            probs_and_dscores(t, op, w, b, h, qt, kt);
+            add_dk_dv(dK_j, dV_j, t, op, w, qt, kt);
+            add_dq(dQ + size_t(qt) * kTile * w.dp, t, op, w, qt, kt);
           }
-        store_dk_dv(t, w, b, kvh, kt);
+        }
+        for (int qt = 0; qt < w.n_tiles; qt++) store_dq(dQ + size_t(qt) * kTile * w.dp, w, b, h, qt);
       }
+      for (int kt = 0; kt < w.n_tiles; kt++)
+        store_dk_dv(dK + size_t(kt) * kTile * w.dp, dV + size_t(kt) * kTile * w.dp, w, b, kvh, kt);
     }
   }
 }
@@ -344,36 +424,49 @@ void backward_fused(const Backward& w, int B) {
 //   task, with the same arithmetic in the same order as the fused schedule.
 void backward_split(const Backward& w, int B) {
   const int nt = w.n_tiles;
+  const size_t tile = size_t(kTile) * w.dp;
 #pragma omp parallel
   {
-    Tiles t(w.d, w.dp);
+    prepare_backward(w, B);
+    Tiles t;
+    std::vector<float> buffers(5 * tile);
+    float *Q = buffers.data(), *dO = Q + tile, *dQ = dO + tile, *dK = dQ + tile, *dV = dK + tile;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < int64_t(B) * w.Hkv * nt; task++) {
       const int kt = int(task % nt);  // the longest (kt = 0) first
       const int kvh = int((task / nt) % w.Hkv), b = int(task / (int64_t(nt) * w.Hkv));
-      load_key_tile(t, w, b, kvh, kt);
-      std::fill(t.dK, t.dK + kTile * w.dp, 0.0f);
-      std::fill(t.dV, t.dV + kTile * w.dp, 0.0f);
+      PairOperands op = key_operands(w, b, kvh, kt);
+      op.Q = Q;
+      op.dO = dO;
+      std::fill(dK, dK + tile, 0.0f);
+      std::fill(dV, dV + tile, 0.0f);
       for (int g = 0; g < w.group; g++)
         for (int qt = kt; qt < nt; qt++) {
           const int h = kvh * w.group + g;
-          load_query_tile(t, w, b, h, qt);
-          probs_and_dscores(t, w, b, h, qt, kt);
-          add_dk_dv(t, w, qt, kt);
+          const int iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
+          load_rows(Q, w.dp, w.qkv, w.in, b, qt * kTile, h, iq, iq4, w.scale);
+          load_rows(dO, w.dp, w.dout, w.o, b, qt * kTile, h, iq, iq4, 1.0f);
+          probs_and_dscores(t, op, w, b, h, qt, kt);
+          add_dk_dv(dK, dV, t, op, w, qt, kt);
         }
-      store_dk_dv(t, w, b, kvh, kt);
+      store_dk_dv(dK, dV, w, b, kvh, kt);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < int64_t(B) * w.Hq * nt; task++) {
       const int qt = nt - 1 - int(task % nt);  // the longest (qt = nt - 1) first
       const int h = int((task / nt) % w.Hq), b = int(task / (int64_t(nt) * w.Hq));
-      zero_dq(w, b, h, qt);
-      load_query_tile(t, w, b, h, qt);
+      const int iq = tile_rows(w, qt), iq4 = round_up(iq, 4);
+      load_rows(Q, w.dp, w.qkv, w.in, b, qt * kTile, h, iq, iq4, w.scale);
+      load_rows(dO, w.dp, w.dout, w.o, b, qt * kTile, h, iq, iq4, 1.0f);
+      std::fill(dQ, dQ + tile, 0.0f);
       for (int kt = 0; kt <= qt; kt++) {
-        load_key_tile(t, w, b, h / w.group, kt);
-        probs_and_dscores(t, w, b, h, qt, kt);
-        add_dq(t, w, b, h, qt, kt);
+        PairOperands op = key_operands(w, b, h / w.group, kt);
+        op.Q = Q;
+        op.dO = dO;
+        probs_and_dscores(t, op, w, b, h, qt, kt);
+        add_dq(dQ, t, op, w, qt, kt);
       }
+      store_dq(dQ, w, b, h, qt);
     }
   }
 }
@@ -385,24 +478,17 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   check_shapes(B, N, Hq, Hkv, d);
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
+  const int n_tiles = (N + kTile - 1) / kTile, n_pad = n_tiles * kTile;
 
-  // D[b, h, t] = rowsum(dO * O), [B, Hq, N]: one small buffer per call (B·Hq·N floats, 0.2 MB at
-  // N = 4096 with 12 heads), next to the per-thread tiles that every call allocates too.
-  std::vector<float> D(size_t(B) * Hq * N);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < int64_t(B) * Hq; bh++) {
-    const int b = int(bh / Hq), h = int(bh % Hq);
-    for (int t = 0; t < N; t++) {
-      const float* go = dout + o.offset(b, t, h);
-      const float* y = out + o.offset(b, t, h);
-      float s = 0.0f;
-      for (int c = 0; c < d; c++) s += go[c] * y[c];
-      D[size_t(bh) * N + t] = s;
-    }
-  }
+  // D [B, Hq, N] (B·Hq·N floats, 0.2 MB at N = 4096 with 12 heads), K^T, V^T and K (each about as
+  // large as K), filled by prepare_backward inside the schedule's parallel region.
+  const int dp = round_up(d, 8);
+  const HeadStrides hs{n_pad, n_pad + 16, dp};
+  std::vector<float> D(size_t(B) * Hq * N), KT(size_t(B) * Hkv * hs.transposed_head()),
+      VT(KT.size()), Kr(size_t(B) * Hkv * hs.rows_head());
 
-  const Backward w{dout, qkv, lse, D.data(), dqkv, in, o, N, Hq, Hkv, d, round_up(d, 8), Hq / Hkv,
-                   (N + kTile - 1) / kTile, 1.0f / std::sqrt(float(d))};
+  const Backward w{dout, qkv, out, lse, D.data(), KT.data(), VT.data(), Kr.data(), dqkv, in, o, hs,
+                   N, Hq, Hkv, d, dp, Hq / Hkv, n_tiles, n_pad, 1.0f / std::sqrt(float(d))};
   // The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
   // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy. Both give the same bits, so
   // the choice (which depends on the thread count) does not change the result.
