@@ -17,6 +17,7 @@
 // `ulysses dump` (core/train_dump.cpp) is the same set-up and initial state followed by one
 // forward + backward instead of the loop.
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
