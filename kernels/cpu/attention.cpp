@@ -9,7 +9,7 @@
 // inside. Nothing of size N×N is ever allocated: K^T and V (backward: K^T, V^T and K) are
 // rearranged once per call into buffers as large as K (rearrange_heads), and the per-thread work
 // buffers are O(kTile·d) (forward) or O(N·d) (fused backward: one query head's Q, dO, dQ and one
-// kv head's dK, dV whole).
+// kv head's dK, dV whole; at most 64 MiB per thread, beyond which the split schedule runs).
 //
 // Backward: for every query head of the group, key tile j and query tile i >= j, recompute
 // P = exp(S - lse) and
@@ -490,11 +490,15 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   const Backward w{dout, qkv, out, lse, D.data(), KT.data(), VT.data(), Kr.data(), dqkv, in, o, hs,
                    N, Hq, Hkv, d, dp, Hq / Hkv, n_tiles, n_pad, 1.0f / std::sqrt(float(d))};
   // The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
-  // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy. Both give the same bits, so
-  // the choice (which depends on the thread count) does not change the result.
+  // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy, or its whole-sequence
+  // buffers (5 · n_pad · dp floats per thread) would pass kFusedBytesPerThread, which bounds the
+  // memory at long N (the split schedule's buffers are tiles). Both give the same bits, so the
+  // choice (which depends on the thread count and N) does not change the result.
+  constexpr size_t kFusedBytesPerThread = size_t(64) << 20;  // N up to about 52K at d = 64
+  const bool fused_fits = 5 * size_t(n_pad) * size_t(dp) * sizeof(float) <= kFusedBytesPerThread;
   const int64_t tasks = int64_t(B) * Hkv, threads = omp_get_max_threads();
   const int64_t rounds = (tasks + threads - 1) / threads;
-  if (4 * tasks >= 3 * rounds * threads)
+  if (fused_fits && 4 * tasks >= 3 * rounds * threads)
     backward_fused(w, B);
   else
     backward_split(w, B);
