@@ -8,6 +8,9 @@
 // FLOP counts are nominal: 2 per multiply-add in the products; causal attention counts the
 // N(N+1)/2 visible pairs only (forward 2 products, backward 5); elementwise ops count a few flops
 // per element as noted. GB/s counts each input read and each output written once.
+// The footer measures this machine's roofs with the same threads (fma_peak, update_bandwidth) and
+// sums each op's floor, max(FLOPs / peak, bytes / bandwidth), over the step: how far the ops
+// are from what the hardware allows (column "roof": floor / wall).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include "kernels/cpu/cpu_ops.h"
@@ -66,17 +70,91 @@ struct Row {
   int calls;  // per training step
 };
 
-void print(const std::vector<Row>& rows) {
-  double step_ms = 0.0;
-  for (const Row& r : rows) step_ms += r.t.wall_ms * r.calls;
-  for (const Row& r : rows)
-    std::printf("  %-28s %10.3f ms %10.3f cpu-ms %9.2f GFLOP/s %8.2f GB/s %4d x %5.1f%%\n",
-                r.op.c_str(), r.t.wall_ms, r.t.cpu_ms, r.flops / (r.t.wall_ms * 1e6),
-                r.bytes / (r.t.wall_ms * 1e6), r.calls, 100.0 * r.t.wall_ms * r.calls / step_ms);
-  std::printf("  sum over ops of ms x calls: %.1f ms per step\n", step_ms);
+// The fp32 multiply-add peak of all OpenMP threads, GFLOP/s: every thread runs 10 independent
+// chains of 8-float FMAs on registers (enough to cover the FMA latency), best of 3 runs. 0 when
+// the CPU has no AVX2 + FMA.
+__attribute__((target("avx2,fma"))) double fma_peak_avx2() {
+  constexpr int kChains = 10;
+  constexpr int64_t kIters = 20'000'000;  // per thread: 3.2 GFLOP
+  double best = 0.0;
+  for (int run = 0; run < 3; run++) {
+    float sink = 0.0f;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel reduction(+ : sink)
+    {
+      __m256 acc[kChains];
+      for (int c = 0; c < kChains; c++) acc[c] = _mm256_set1_ps(1.0f + 1e-3f * c);
+      const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+      for (int64_t it = 0; it < kIters; it++)
+#pragma GCC unroll 10
+        for (int c = 0; c < kChains; c++) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
+      for (int c = 0; c < kChains; c++) sink += _mm256_cvtss_f32(acc[c]);
+    }
+    const double secs = omp_get_wtime() - t0;
+    const double flops = 16.0 * kChains * kIters * omp_get_max_threads();
+    if (sink != 0.0f) best = std::max(best, flops / secs / 1e9);
+  }
+  return best;
 }
 
-void bench(const Shape& s) {
+double fma_peak() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? fma_peak_avx2() : 0.0;
+}
+
+// Memory bandwidth of two in-place updates a += s·b, c += s·d over 4 × 256 MiB (an optimizer
+// step's access pattern: four streams, every line read is written back, so no write-allocate
+// traffic; with two streams this machine measured 15 % less), all OpenMP threads, each touching
+// its own part first; GB/s counting 24 bytes per element as the table does, best of 5 runs.
+double update_bandwidth() {
+  const int64_t n = int64_t(64) << 20;
+  std::vector<float> a(n), b(n), c(n), d(n);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i++) a[i] = 0.0f, b[i] = 1.0f, c[i] = 0.0f, d[i] = 2.0f;
+  double best = 0.0;
+  for (int run = 0; run < 5; run++) {
+    const double t0 = omp_get_wtime();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+      a[i] += 0.5f * b[i];
+      c[i] += 0.5f * d[i];
+    }
+    best = std::max(best, 24.0 * n / (omp_get_wtime() - t0) / 1e9);
+  }
+  return a[n / 2] == 2.5f && c[n / 2] == 5.0f ? best : 0.0;
+}
+
+struct Roofs {
+  double gflops, gbs;  // 0: not measured
+  // An op whose data stays in cache beats the memory roof: its floor is then its own time.
+  double floor_ms(const Row& r) const {
+    if (gflops <= 0.0 || gbs <= 0.0) return 0.0;
+    return std::min(r.t.wall_ms, std::max(r.flops / (gflops * 1e6), r.bytes / (gbs * 1e6)));
+  }
+};
+
+void print(const std::vector<Row>& rows, const Roofs& roofs) {
+  double step_ms = 0.0, floor_ms = 0.0;
+  for (const Row& r : rows) {
+    step_ms += r.t.wall_ms * r.calls;
+    floor_ms += roofs.floor_ms(r) * r.calls;
+  }
+  for (const Row& r : rows)
+    std::printf("  %-28s %10.3f ms %10.3f cpu-ms %9.2f GFLOP/s %8.2f GB/s %4d x %5.1f%% roof %3.0f%%\n",
+                r.op.c_str(), r.t.wall_ms, r.t.cpu_ms, r.flops / (r.t.wall_ms * 1e6),
+                r.bytes / (r.t.wall_ms * 1e6), r.calls, 100.0 * r.t.wall_ms * r.calls / step_ms,
+                100.0 * roofs.floor_ms(r) / r.t.wall_ms);
+  std::printf("  sum over ops of ms x calls: %.1f ms per step\n", step_ms);
+  if (floor_ms > 0.0)
+    std::printf("  roofs of this machine, %d threads: fp32 FMA peak %.1f GFLOP/s, memory %.1f GB/s;\n"
+                "  sum over ops of max(FLOPs / peak, bytes / memory) x calls: %.1f ms per step "
+                "(the ops take %.2fx that)\n",
+                omp_get_max_threads(), roofs.gflops, roofs.gbs, floor_ms, step_ms / floor_ms);
+  else
+    std::printf("  roofs not measured (no AVX2 + FMA)\n");
+}
+
+void bench(const Shape& s, const Roofs& roofs) {
   std::mt19937 gen(1234);
   const int B = s.B, N = s.N, C = s.C, H = s.H, d = C / H, Vp = (s.V + 127) / 128 * 128;
   const int64_t R = int64_t(B) * N;
@@ -206,7 +284,7 @@ void bench(const Shape& s) {
     report("sum_squares (all grads)", time_ms([&] { sink = sink + cpu::sum_squares(g.data(), n); }),
            2.0 * n, 4.0 * n);
   }
-  print(rows);
+  print(rows, roofs);
 }
 
 }  // namespace
@@ -223,12 +301,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: bench_kernels [B N C H V L]\n");
     return 2;
   }
+  const double peak = fma_peak();
+  const Roofs roofs{peak, peak > 0.0 ? update_bandwidth() : 0.0};
   for (const Shape& s : shapes) {
     if (s.B <= 0 || s.N <= 0 || s.C <= 0 || s.H <= 0 || s.C % s.H || (s.C / s.H) % 2 || s.V <= 0) {
       std::fprintf(stderr, "bench_kernels: bad shape (need positive sizes, H | C, even C/H)\n");
       return 2;
     }
-    bench(s);
+    bench(s, roofs);
   }
   return 0;
 }
