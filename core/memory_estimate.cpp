@@ -27,6 +27,11 @@
 //   checkpoint slots       runtime.offload = checkpoints (CUDA, full recompute): min(L, 3) slots of
 //                          2 B(N/P)C bytes replace the L per-layer outputs; the offloaded ones,
 //                          max(0, L - 3) x 2 B(N/P)C, are pinned host memory (host_pinned_bytes)
+//   attention scratch      the CPU attention kernels' (the    - (the CUDA kernels' few bytes per
+//                          keys and values rearranged, per-     row and head are in the runtime
+//                          thread tiles; the larger of          item)
+//                          forward and backward), which the
+//                          model's context keeps
 //   runtime                process baseline (binary, MPI, BLAS): 64 MiB on the CPU; CUDA context,
 //                          cuBLASLt workspace and NCCL buffers: 1.5 GiB
 #include "core/memory_estimate.h"
@@ -37,6 +42,7 @@
 #include <map>
 
 #include <fmt/format.h>
+#include <omp.h>
 #include <spdlog/spdlog.h>
 
 #include "comm/ulysses.h"
@@ -44,6 +50,7 @@
 #include "core/base/error.h"
 #include "core/zero.h"
 #include "core/zero3.h"
+#include "kernels/cpu/cpu_ops.h"
 
 namespace ulysses {
 
@@ -52,6 +59,16 @@ namespace {
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kCpuBaseline = 64.0 * 1024 * 1024;
 constexpr double kCudaRuntime = 1.5 * kGiB;
+
+// The CPU attention kernels' scratch, which the model's context keeps from the first step on:
+// the larger of forward and backward, for runtime.threads threads (0: this process's OpenMP
+// default, which is what a rank alone on this machine would get).
+size_t cpu_attention_scratch_floats(const Config& cfg, const GPTShape& s, int N, int hq, int hkv) {
+  const int threads = cfg.runtime.threads > 0 ? cfg.runtime.threads : omp_get_max_threads();
+  const int B = cfg.train.micro_batch_size;
+  return std::max(cpu::attention_forward_scratch_floats(B, N, hq, hkv, s.d, threads),
+                  cpu::attention_backward_scratch_floats(B, N, hq, hkv, s.d, threads));
+}
 
 }  // namespace
 
@@ -122,6 +139,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int world_size, int P, int N, 
   add("recompute workspace (shared by the layers)", by_kind["recompute"]);
   add("communication buffers (all-to-all send/recv, local qkv)", by_kind["comm"]);
   add("backward workspace (activation gradients)", by_kind["backward"]);
+  add("attention scratch (CPU kernels: keys and values, tiles)",
+      cpu ? 4.0 * double(cpu_attention_scratch_floats(cfg, s, N, hq, hkv)) : 0.0);
   add("inputs, embedding output, LM head + loss chunk", by_kind["inputs"] + by_kind["layer"] + by_kind["lm_head"]);
   add(cpu ? "process baseline (binary, MPI, BLAS)" : "CUDA context, cuBLASLt workspace, NCCL buffers",
       cpu ? kCpuBaseline : kCudaRuntime);

@@ -10,6 +10,8 @@
 #include <string>
 #include <type_traits>
 
+#include <omp.h>
+
 #include "core/base/error.h"
 #include "kernels/cpu/cpu_ops.h"
 #ifdef ULYSSES_CUDA
@@ -110,7 +112,8 @@ Context::Context(Device d) : device(d) {
 Context::~Context() = default;
 void* Context::stream() const { return nullptr; }
 #endif
-Context::Context(Context&& o) noexcept : device(o.device), cuda(o.cuda), cudnn_attention(o.cudnn_attention) {
+Context::Context(Context&& o) noexcept
+    : device(o.device), cuda(o.cuda), cudnn_attention(o.cudnn_attention), cpu_scratch_(std::move(o.cpu_scratch_)) {
   o.cuda = nullptr;
 }
 Context& Context::operator=(Context&& o) noexcept {
@@ -119,6 +122,11 @@ Context& Context::operator=(Context&& o) noexcept {
     new (this) Context(std::move(o));
   }
   return *this;
+}
+
+float* Context::cpu_scratch(size_t floats) {
+  if (cpu_scratch_.size() < floats) cpu_scratch_.resize(floats);
+  return cpu_scratch_.data();
 }
 
 void copy(Context& ctx, Tensor dst, Tensor src) {
@@ -500,7 +508,8 @@ void attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv, int Hq,
   }
 #endif
   expect_cpu(ctx, "attention_forward");
-  cpu::attention_forward(mf(out), mf(lse), cf(qkv), B, N, Hq, Hkv, d);
+  const size_t floats = cpu::attention_forward_scratch_floats(B, N, Hq, Hkv, d, omp_get_max_threads());
+  cpu::attention_forward(mf(out), mf(lse), cf(qkv), B, N, Hq, Hkv, d, ctx.cpu_scratch(floats), floats);
 }
 
 void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tensor out, Tensor lse, int Hq, int Hkv) {
@@ -532,7 +541,9 @@ void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tens
   }
 #endif
   expect_cpu(ctx, "attention_backward");
-  cpu::attention_backward(mf(dqkv), cf(dout), cf(qkv), cf(out), cf(lse), B, N, Hq, Hkv, d);
+  const size_t floats = cpu::attention_backward_scratch_floats(B, N, Hq, Hkv, d, omp_get_max_threads());
+  cpu::attention_backward(mf(dqkv), cf(dout), cf(qkv), cf(out), cf(lse), B, N, Hq, Hkv, d, ctx.cpu_scratch(floats),
+                          floats);
 }
 
 void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets, int V, float grad_scale) {

@@ -4,7 +4,9 @@
 // conventions (parameter and activation gradients accumulate, forward outputs overwrite) are
 // those documented in kernels/cpu/cpu_ops.h; shapes are checked here.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/base/tensor.h"
 
@@ -16,11 +18,12 @@ namespace ulysses::ops {
 //         parameter gradients fp32; LayerNorm mean/rstd, attention lse, losses fp32;
 //         optimizer master weights and moments fp32; tokens, targets, positions i32.
 //
-// Per-device execution state. cpu: nothing. cuda: a stream created on the CUDA device current
-// at construction, the cuBLASLt handle + workspace + heuristic cache (cuda::MatmulContext) and
-// one growable scratch buffer for the ops that need scratch (grown only the first time a larger
-// size is asked for, i.e. during the first step; never shrunk). Every op enqueues on the
-// context's stream and returns without waiting, except those documented as syncing.
+// Per-device execution state. cpu: a growable scratch (cpu_scratch). cuda: a stream created on
+// the CUDA device current at construction, the cuBLASLt handle + workspace + heuristic cache
+// (cuda::MatmulContext) and one growable scratch buffer for the ops that need scratch (grown
+// only the first time a larger size is asked for, i.e. during the first step; never shrunk).
+// Every op enqueues on the context's stream and returns without waiting, except those
+// documented as syncing.
 struct CudaState;  // defined by the CUDA side (kernels/cuda/context.cpp)
 class Context {
  public:
@@ -37,6 +40,14 @@ class Context {
   void* stream() const;       // the cudaStream_t ops are enqueued on (null on cpu)
   // runtime.attention on cuda: false = the handwritten flash kernels, true = cuDNN SDPA
   bool cudnn_attention = false;
+
+  // cpu: the scratch of the ops that need one (attention), `floats` long: grown the first time a
+  // larger size is asked for (the first step), never shrunk, so later steps do not allocate.
+  // Valid until the next call.
+  float* cpu_scratch(size_t floats);
+
+ private:
+  std::vector<float> cpu_scratch_;
 };
 
 // dst = src, same dtype and element count, any pair of devices (host <-> device copies are

@@ -9,7 +9,10 @@
 // inside. Nothing of size N×N is ever allocated: K^T and V (backward: K^T, V^T and K) are
 // rearranged once per call into buffers as large as K (rearrange_heads), and the per-thread work
 // buffers are O(kTile·d) (forward) or O(N·d) (fused backward: one query head's Q, dO, dQ and one
-// kv head's dK, dV whole; at most 64 MiB per thread, beyond which the split schedule runs).
+// kv head's dK, dV whole; at most 64 MiB per thread, beyond which the split schedule runs). All
+// of it lives in one scratch the caller passes (ForwardScratch, BackwardScratch: the model's
+// context keeps one, so a step does not allocate; allocating it per call cost 3 % of the forward
+// at N = 4096 and 15 % at N = 64, 2 threads).
 //
 // Backward: for every query head of the group, key tile j and query tile i >= j, recompute
 // P = exp(S - lse) and
@@ -166,6 +169,36 @@ void rearrange_heads(float* out, bool transposed, const HeadStrides& hs, const f
   }
 }
 
+// Floats rounded up to whole 64-byte cache lines, so that no two threads' areas share a line.
+size_t whole_lines(size_t floats) { return (floats + 15) / 16 * 16; }
+
+// The forward's scratch: K^T [B, Hkv, dp, ld_t] and V [B, Hkv, n_pad, dp], then one area per
+// thread: Q and the output accumulator [kTile, dp], S [kTile, kTile], m and l [kTile].
+struct ForwardScratch {
+  HeadStrides hs;
+  size_t kt, v, per_thread;  // floats
+  static ForwardScratch of(int B, int N, int Hkv, int d) {
+    const int dp = round_up(d, 8), n_pad = round_up(N, kTile);
+    const HeadStrides hs{n_pad, n_pad + 16, dp};
+    return {hs, whole_lines(size_t(B) * Hkv * hs.transposed_head()),
+            whole_lines(size_t(B) * Hkv * hs.rows_head()),
+            whole_lines(size_t(kTile) * (2 * dp + kTile + 2))};
+  }
+  size_t floats(int threads) const { return kt + v + size_t(threads) * per_thread; }
+};
+
+// The caller's scratch if it has one (checked to hold `needed` floats), else `own`, allocated.
+float* use_scratch(std::vector<float>& own, float* scratch, size_t scratch_floats, size_t needed,
+                   const char* op) {
+  if (!scratch) {
+    own.resize(needed);
+    return own.data();
+  }
+  ULYSSES_ASSERT(scratch_floats >= needed, "{}: scratch of {} floats, needs {}", op, scratch_floats,
+                 needed);
+  return scratch;
+}
+
 void check_shapes(int B, int N, int Hq, int Hkv, int d) {
   ULYSSES_ASSERT(B > 0 && N > 0 && Hq > 0 && Hkv > 0 && d > 0,
                  "attention: bad shape B={} N={} Hq={} Hkv={} d={}", B, N, Hq, Hkv, d);
@@ -174,8 +207,13 @@ void check_shapes(int B, int N, int Hq, int Hkv, int d) {
 
 }  // namespace
 
+size_t attention_forward_scratch_floats(int B, int N, int Hq, int Hkv, int d, int threads) {
+  check_shapes(B, N, Hq, Hkv, d);
+  return ForwardScratch::of(B, N, Hkv, d).floats(threads);
+}
+
 void attention_forward(float* out, float* lse, const float* qkv, int B, int N, int Hq, int Hkv,
-                       int d) {
+                       int d, float* scratch, size_t scratch_floats) {
   check_shapes(B, N, Hq, Hkv, d);
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
@@ -185,17 +223,20 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
   const int n_tiles = (N + kTile - 1) / kTile;
   const int64_t n_tasks = int64_t(B) * Hq * n_tiles;
 
-  // K^T and V of every kv head (each about as large as K itself)
-  const HeadStrides hs{n_tiles * kTile, n_tiles * kTile + 16, dp};
-  std::vector<float> KT(size_t(B) * Hkv * hs.transposed_head()), Vr(size_t(B) * Hkv * hs.rows_head());
+  // K^T and V of every kv head (each about as large as K itself), then the threads' areas
+  const ForwardScratch fs = ForwardScratch::of(B, N, Hkv, d);
+  const HeadStrides& hs = fs.hs;
+  std::vector<float> own;
+  scratch = use_scratch(own, scratch, scratch_floats, fs.floats(omp_get_max_threads()), "attention_forward");
+  float* const KT = scratch;
+  float* const Vr = KT + fs.kt;
 
 #pragma omp parallel
   {
-    rearrange_heads(KT.data(), true, hs, qkv, in, B, Hq, Hkv);
-    rearrange_heads(Vr.data(), false, hs, qkv, in, B, Hq + Hkv, Hkv);
+    rearrange_heads(KT, true, hs, qkv, in, B, Hq, Hkv);
+    rearrange_heads(Vr, false, hs, qkv, in, B, Hq + Hkv, Hkv);
 #pragma omp barrier
-    std::vector<float> work(size_t(kTile) * (2 * dp + kTile + 2));
-    float* Q = work.data();          // [kTile, dp]   scaled by 1/sqrt(d)
+    float* Q = Vr + fs.v + omp_get_thread_num() * fs.per_thread;  // [kTile, dp] scaled by 1/sqrt(d)
     float* acc = Q + kTile * dp;     // [kTile, dp]   unnormalised output
     float* S = acc + kTile * dp;     // [kTile, kTile] scores, then probabilities
     float* m = S + kTile * kTile;    // [kTile] running max
@@ -209,8 +250,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int N, i
       const int b = int(task / (int64_t(n_tiles) * Hq));
       const int kvh = h / group;
       const int i0 = qt * kTile, iq = std::min(kTile, N - i0), iq4 = round_up(iq, 4);
-      const float* KT_h = KT.data() + (int64_t(b) * Hkv + kvh) * hs.transposed_head();
-      const float* V_h = Vr.data() + (int64_t(b) * Hkv + kvh) * hs.rows_head();
+      const float* KT_h = KT + (int64_t(b) * Hkv + kvh) * hs.transposed_head();
+      const float* V_h = Vr + (int64_t(b) * Hkv + kvh) * hs.rows_head();
 
       load_rows(Q, dp, qkv, in, b, i0, h, iq, iq4, scale);
       std::fill(acc, acc + iq4 * dp, 0.0f);
@@ -262,13 +303,57 @@ struct Backward {
   float* VT;          // [B, Hkv, d, ld_t] V^T
   float* Kr;          // [B, Hkv, n_pad, dp] K
   float* dqkv;        // [B, N, Hq + 2 Hkv, d]
+  float* areas;       // one area of per_thread floats per thread (thread_area)
+  size_t per_thread;
   Packed in, o;
   HeadStrides hs;
   int N, Hq, Hkv, d, dp, group, n_tiles, n_pad;
   float scale;
 };
 
+// Per-thread tiles of one pair at the start of the thread's scratch area: P and dS (dP first),
+// [kTile, kTile] each.
+struct Tiles {
+  static constexpr size_t kTileFloats = size_t(2) * kTile * kTile;
+  float *P, *dS;
+  explicit Tiles(float* area) : P(area), dS(area + kTile * kTile) {}
+};
+
 int tile_rows(const Backward& w, int tile) { return std::min(kTile, w.N - tile * kTile); }
+
+// The calling thread's area: the pair tiles (Tiles::kTileFloats), then the schedule's buffers.
+float* thread_area(const Backward& w) { return w.areas + omp_get_thread_num() * w.per_thread; }
+
+// The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
+// B * Hkv equal tasks would keep fewer than 3/4 of the threads busy, or its whole-sequence
+// buffers (5 · n_pad · dp floats per thread) would pass kFusedBytesPerThread, which bounds the
+// memory at long N (the split schedule's buffers are tiles). Both give the same bits, so the
+// choice (which depends on the thread count and N) does not change the result.
+bool fused_schedule(int B, int Hkv, int n_pad, int dp, int threads) {
+  constexpr size_t kFusedBytesPerThread = size_t(64) << 20;  // N up to about 52K at d = 64
+  const bool fits = 5 * size_t(n_pad) * size_t(dp) * sizeof(float) <= kFusedBytesPerThread;
+  const int64_t tasks = int64_t(B) * Hkv;
+  const int64_t rounds = (tasks + threads - 1) / threads;
+  return fits && 4 * tasks >= 3 * rounds * threads;
+}
+
+// The backward's scratch: D [B, Hq, N], K^T and V^T [B, Hkv, dp, ld_t], K [B, Hkv, n_pad, dp],
+// then one area per thread: the pair tiles and 5 buffers (Q, dO, dQ, dK, dV) of n_pad · dp
+// floats (fused) or kTile · dp (split).
+struct BackwardScratch {
+  HeadStrides hs;
+  bool fused;
+  size_t D, kt, kr, per_thread;  // floats; K^T and V^T kt each
+  static BackwardScratch of(int B, int N, int Hq, int Hkv, int d, int threads) {
+    const int dp = round_up(d, 8), n_pad = round_up(N, kTile);
+    const HeadStrides hs{n_pad, n_pad + 16, dp};
+    const bool fused = fused_schedule(B, Hkv, n_pad, dp, threads);
+    const size_t buffer = size_t(fused ? n_pad : kTile) * dp;
+    return {hs, fused, whole_lines(size_t(B) * Hq * N), whole_lines(size_t(B) * Hkv * hs.transposed_head()),
+            whole_lines(size_t(B) * Hkv * hs.rows_head()), whole_lines(Tiles::kTileFloats + 5 * buffer)};
+  }
+  size_t floats(int threads) const { return D + 2 * kt + kr + size_t(threads) * per_thread; }
+};
 
 // D = rowsum(dO * O) and the rearranged keys and values; called by every thread of the
 // schedule's parallel region, so that one region does the whole backward.
@@ -295,16 +380,6 @@ void prepare_backward(const Backward& w, int B) {
 // tile's first column on.
 struct PairOperands {
   const float *Q, *dO, *K, *KT, *VT;
-};
-
-// Per-thread tiles of one pair.
-struct Tiles {
-  std::vector<float> work;
-  float *P, *dS;
-  Tiles() : work(size_t(2) * kTile * kTile) {
-    P = work.data();          // [kTile, kTile]
-    dS = P + kTile * kTile;   // [kTile, kTile] dP, then dS
-  }
 };
 
 PairOperands key_operands(const Backward& w, int b, int kvh, int kt) {
@@ -385,9 +460,10 @@ void backward_fused(const Backward& w, int B) {
 #pragma omp parallel
   {
     prepare_backward(w, B);
-    Tiles t;
-    std::vector<float> buffers(5 * whole);
-    float *Q = buffers.data(), *dO = Q + whole, *dQ = dO + whole, *dK = dQ + whole, *dV = dK + whole;
+    float* area = thread_area(w);
+    Tiles t(area);
+    float *Q = area + Tiles::kTileFloats, *dO = Q + whole, *dQ = dO + whole, *dK = dQ + whole,
+          *dV = dK + whole;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < B * w.Hkv; task++) {
       const int b = task / w.Hkv, kvh = task % w.Hkv;
@@ -428,9 +504,10 @@ void backward_split(const Backward& w, int B) {
 #pragma omp parallel
   {
     prepare_backward(w, B);
-    Tiles t;
-    std::vector<float> buffers(5 * tile);
-    float *Q = buffers.data(), *dO = Q + tile, *dQ = dO + tile, *dK = dQ + tile, *dV = dK + tile;
+    float* area = thread_area(w);
+    Tiles t(area);
+    float *Q = area + Tiles::kTileFloats, *dO = Q + tile, *dQ = dO + tile, *dK = dQ + tile,
+          *dV = dK + tile;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < int64_t(B) * w.Hkv * nt; task++) {
       const int kt = int(task % nt);  // the longest (kt = 0) first
@@ -473,32 +550,34 @@ void backward_split(const Backward& w, int B) {
 
 }  // namespace
 
+size_t attention_backward_scratch_floats(int B, int N, int Hq, int Hkv, int d, int threads) {
+  check_shapes(B, N, Hq, Hkv, d);
+  return BackwardScratch::of(B, N, Hq, Hkv, d, threads).floats(threads);
+}
+
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                        const float* lse, int B, int N, int Hq, int Hkv, int d) {
+                        const float* lse, int B, int N, int Hq, int Hkv, int d, float* scratch,
+                        size_t scratch_floats) {
   check_shapes(B, N, Hq, Hkv, d);
   const Packed in{N, Hq + 2 * Hkv, d};
   const Packed o{N, Hq, d};
-  const int n_tiles = (N + kTile - 1) / kTile, n_pad = n_tiles * kTile;
+  const int n_tiles = (N + kTile - 1) / kTile;
 
-  // D [B, Hq, N] (B·Hq·N floats, 0.2 MB at N = 4096 with 12 heads), K^T, V^T and K (each about as
-  // large as K), filled by prepare_backward inside the schedule's parallel region.
-  const int dp = round_up(d, 8);
-  const HeadStrides hs{n_pad, n_pad + 16, dp};
-  std::vector<float> D(size_t(B) * Hq * N), KT(size_t(B) * Hkv * hs.transposed_head()),
-      VT(KT.size()), Kr(size_t(B) * Hkv * hs.rows_head());
+  // D (B·Hq·N floats, 0.2 MB at N = 4096 with 12 heads), K^T, V^T and K (each about as large as
+  // K), filled by prepare_backward inside the schedule's parallel region, then the threads' areas
+  const int threads = omp_get_max_threads();
+  const BackwardScratch bs = BackwardScratch::of(B, N, Hq, Hkv, d, threads);
+  std::vector<float> own;
+  scratch = use_scratch(own, scratch, scratch_floats, bs.floats(threads), "attention_backward");
+  float* const D = scratch;
+  float* const KT = D + bs.D;
+  float* const VT = KT + bs.kt;
+  float* const Kr = VT + bs.kt;
+  float* const areas = Kr + bs.kr;
 
-  const Backward w{dout, qkv, out, lse, D.data(), KT.data(), VT.data(), Kr.data(), dqkv, in, o, hs,
-                   N, Hq, Hkv, d, dp, Hq / Hkv, n_tiles, n_pad, 1.0f / std::sqrt(float(d))};
-  // The fused schedule does 5 tile products per tile pair, the split one 7: fused unless its
-  // B * Hkv equal tasks would keep fewer than 3/4 of the threads busy, or its whole-sequence
-  // buffers (5 · n_pad · dp floats per thread) would pass kFusedBytesPerThread, which bounds the
-  // memory at long N (the split schedule's buffers are tiles). Both give the same bits, so the
-  // choice (which depends on the thread count and N) does not change the result.
-  constexpr size_t kFusedBytesPerThread = size_t(64) << 20;  // N up to about 52K at d = 64
-  const bool fused_fits = 5 * size_t(n_pad) * size_t(dp) * sizeof(float) <= kFusedBytesPerThread;
-  const int64_t tasks = int64_t(B) * Hkv, threads = omp_get_max_threads();
-  const int64_t rounds = (tasks + threads - 1) / threads;
-  if (fused_fits && 4 * tasks >= 3 * rounds * threads)
+  const Backward w{dout, qkv, out, lse, D, KT, VT, Kr, dqkv, areas, bs.per_thread, in, o, bs.hs,
+                   N, Hq, Hkv, d, bs.hs.dp, Hq / Hkv, n_tiles, bs.hs.n_pad, 1.0f / std::sqrt(float(d))};
+  if (bs.fused)
     backward_fused(w, B);
   else
     backward_split(w, B);

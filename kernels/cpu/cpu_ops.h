@@ -9,6 +9,7 @@
 //     the same activation (the residual stream); callers zero them once per micro-step;
 //   - outputs of forward ops are OVERWRITTEN.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace ulysses::cpu {
@@ -66,12 +67,21 @@ void rope_backward(float* dx, const int32_t* positions, int64_t rows, int n_head
 // Query head h attends with key/value head h / (Hq / Hkv) (GQA; Hq % Hkv == 0).
 // out: [B, N, Hq, d]; lse: [B, Hq, N], the log-sum-exp of each row's scaled scores, saved for
 // backward. Scale 1/sqrt(d). Position t attends to positions 0..t (causal).
+// scratch: scratch_floats floats (any contents) for the keys and values rearranged once per call
+// and each thread's tiles, at least attention_forward_scratch_floats(..., threads) with threads
+// the calling thread's omp_get_max_threads() (checked); or nullptr, and the call allocates its
+// own (tests, benchmarks; the model passes its context's scratch so that a step does not
+// allocate).
+size_t attention_forward_scratch_floats(int B, int N, int Hq, int Hkv, int d, int threads);
 void attention_forward(float* out, float* lse, const float* qkv, int B, int N, int Hq, int Hkv,
-                       int d);
+                       int d, float* scratch = nullptr, size_t scratch_floats = 0);
 // dqkv (same layout as qkv) is OVERWRITTEN (not accumulated: attention is its only consumer).
-// Recomputes the probabilities tile by tile from q, k and lse; no N×N buffer.
+// Recomputes the probabilities tile by tile from q, k and lse; no N×N buffer. scratch as for
+// the forward, attention_backward_scratch_floats(..., threads) floats.
+size_t attention_backward_scratch_floats(int B, int N, int Hq, int Hkv, int d, int threads);
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                        const float* lse, int B, int N, int Hq, int Hkv, int d);
+                        const float* lse, int B, int N, int Hq, int Hkv, int d,
+                        float* scratch = nullptr, size_t scratch_floats = 0);
 
 // ---- fused softmax + cross-entropy over one chunk of rows -------------------------------------
 // logits: [rows, Vp] (only the first V columns are real; the padding is ignored and its

@@ -3,6 +3,7 @@
 // several steps, sum_squares, layernorm, matmul, gelu, embedding, residual; the RoPE transpose
 // identity; and bitwise determinism across thread counts. Outputs carry sentinel guards.
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -169,6 +170,45 @@ TEST_CASE("attention at B = 1, one kv head: bitwise the same for 1, 2 and 3 thre
   const auto one = run(1);
   CHECK(bitwise_equal(one, run(2)));
   CHECK(bitwise_equal(one, run(3)));
+}
+
+// The model passes its context's scratch, which holds whatever an earlier op left there. A scratch
+// full of NaNs, exactly as long as attention_*_scratch_floats says (guarded on both sides), must
+// give the bits of the calls that allocate their own: with 1 thread (fused backward schedule)
+// and with 2 (split).
+TEST_CASE("attention in a caller's scratch: any contents, the declared size, the same bits",
+          "[kernels][attention]") {
+  const int B = 1, N = 200, Hq = 4, Hkv = 1, d = 24;
+  Rng rng(19);
+  auto qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
+  auto dout = rng.normals(size_t(B) * N * Hq * d);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int threads : {1, 2}) {
+    INFO(threads << " threads");
+    with_threads(threads, [&] {
+      std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size());
+      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d);
+      cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
+                              Hq, Hkv, d);
+      Guarded fs(cpu::attention_forward_scratch_floats(B, N, Hq, Hkv, d, threads), nan);
+      Guarded bs(cpu::attention_backward_scratch_floats(B, N, Hq, Hkv, d, threads), nan);
+      std::vector<float> out2(out.size()), lse2(lse.size()), dqkv2(dqkv.size());
+      cpu::attention_forward(out2.data(), lse2.data(), qkv.data(), B, N, Hq, Hkv, d, fs.data(),
+                             fs.size());
+      cpu::attention_backward(dqkv2.data(), dout.data(), qkv.data(), out2.data(), lse2.data(), B,
+                              N, Hq, Hkv, d, bs.data(), bs.size());
+      // one float short: refused, nothing written
+      CHECK_THROWS_WITH(cpu::attention_backward(dqkv2.data(), dout.data(), qkv.data(), out2.data(),
+                                                lse2.data(), B, N, Hq, Hkv, d, bs.data(),
+                                                bs.size() - 1),
+                        Catch::Contains("attention_backward: scratch of"));
+      CHECK(fs.intact());
+      CHECK(bs.intact());
+      CHECK(bitwise_equal(out, out2));
+      CHECK(bitwise_equal(lse, lse2));
+      CHECK(bitwise_equal(dqkv, dqkv2));
+    });
+  }
 }
 
 TEST_CASE("crossentropy: losses, ignored targets, padding, grad_scale", "[kernels][crossentropy]") {
