@@ -70,36 +70,38 @@ struct Row {
   int calls;  // per training step
 };
 
-// The fp32 multiply-add peak of all OpenMP threads, GFLOP/s: every thread runs 10 independent
-// chains of 8-float FMAs on registers (enough to cover the FMA latency), best of 3 runs. 0 when
-// the CPU has no AVX2 + FMA.
-__attribute__((target("avx2,fma"))) double fma_peak_avx2() {
+// One thread's share of fma_peak: 10 independent chains of 8-float FMAs on registers (enough to
+// cover the FMA latency), `iters` steps each; returns a value that depends on every FMA. A
+// function of its own: an OpenMP region's outlined body does not inherit a target attribute.
+__attribute__((target("avx2,fma"))) float fma_chains(int64_t iters) {
   constexpr int kChains = 10;
-  constexpr int64_t kIters = 20'000'000;  // per thread: 3.2 GFLOP
+  __m256 acc[kChains];
+  for (int c = 0; c < kChains; c++) acc[c] = _mm256_set1_ps(1.0f + 1e-3f * c);
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; it++)
+#pragma GCC unroll 10
+    for (int c = 0; c < kChains; c++) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
+  float sum = 0.0f;
+  for (int c = 0; c < kChains; c++) sum += _mm256_cvtss_f32(acc[c]);
+  return sum;
+}
+
+// The fp32 multiply-add peak of all OpenMP threads, GFLOP/s (every thread runs fma_chains), best
+// of 3 runs; 0 when the CPU has no AVX2 + FMA.
+double fma_peak() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0.0;
+  constexpr int64_t kIters = 20'000'000;  // per thread: 10 chains x 16 flops x kIters = 3.2 GFLOP
   double best = 0.0;
   for (int run = 0; run < 3; run++) {
     float sink = 0.0f;
     const double t0 = omp_get_wtime();
 #pragma omp parallel reduction(+ : sink)
-    {
-      __m256 acc[kChains];
-      for (int c = 0; c < kChains; c++) acc[c] = _mm256_set1_ps(1.0f + 1e-3f * c);
-      const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-      for (int64_t it = 0; it < kIters; it++)
-#pragma GCC unroll 10
-        for (int c = 0; c < kChains; c++) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
-      for (int c = 0; c < kChains; c++) sink += _mm256_cvtss_f32(acc[c]);
-    }
+    sink += fma_chains(kIters);
     const double secs = omp_get_wtime() - t0;
-    const double flops = 16.0 * kChains * kIters * omp_get_max_threads();
-    if (sink != 0.0f) best = std::max(best, flops / secs / 1e9);
+    if (sink != 0.0f) best = std::max(best, 160.0 * kIters * omp_get_max_threads() / secs / 1e9);
   }
   return best;
-}
-
-double fma_peak() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? fma_peak_avx2() : 0.0;
 }
 
 // Memory bandwidth of two in-place updates a += s·b, c += s·d over 4 × 256 MiB (an optimizer
