@@ -2,6 +2,7 @@
 // plain O(N^2) softmax, cross-entropy (ignored targets, padding, grad_scale = 0), AdamW over
 // several steps, sum_squares, layernorm, matmul, gelu, embedding, residual; the RoPE transpose
 // identity; and bitwise determinism across thread counts. Outputs carry sentinel guards.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -129,22 +130,36 @@ TEST_CASE("attention_forward matches a float64 softmax reference", "[kernels][at
   }
 }
 
-TEST_CASE("attention is deterministic across thread counts", "[kernels][attention]") {
-  const int B = 2, N = 150, Hq = 4, Hkv = 2, d = 16;
-  Rng rng(8);
-  auto qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
-  auto dout = rng.normals(size_t(B) * N * Hq * d);
-  auto run = [&](int threads) {
-    std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size());
+// Random q, k, v and output gradient of one attention shape.
+struct AttentionCase {
+  int B, N, Hq, Hkv, d;
+  std::vector<float> qkv, dout;
+  AttentionCase(int B_, int N_, int Hq_, int Hkv_, int d_, uint32_t seed)
+      : B(B_), N(N_), Hq(Hq_), Hkv(Hkv_), d(d_) {
+    Rng rng(seed);
+    qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
+    dout = rng.normals(size_t(B) * N * Hq * d);
+  }
+  // out, lse and dqkv (which starts at 7s: it is overwritten) of forward then backward on
+  // `threads` threads, one after the other in one vector; in the caller's scratch fs / bs when
+  // given, else in the kernels' own.
+  std::vector<float> run(int threads, Guarded* fs = nullptr, Guarded* bs = nullptr) const {
+    std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size(), 7.0f);
     with_threads(threads, [&] {
-      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d);
+      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d,
+                             fs ? fs->data() : nullptr, fs ? fs->size() : 0);
       cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
-                              Hq, Hkv, d);
+                              Hq, Hkv, d, bs ? bs->data() : nullptr, bs ? bs->size() : 0);
     });
+    out.insert(out.end(), lse.begin(), lse.end());
     out.insert(out.end(), dqkv.begin(), dqkv.end());
     return out;
-  };
-  CHECK(bitwise_equal(run(1), run(2)));
+  }
+};
+
+TEST_CASE("attention is deterministic across thread counts", "[kernels][attention]") {
+  const AttentionCase c(2, 150, 4, 2, 16, 8);
+  CHECK(bitwise_equal(c.run(1), c.run(2)));
 }
 
 // B = 1 with one kv head (MQA): one thread takes the fused backward schedule, 2 and 3 threads the
@@ -152,62 +167,38 @@ TEST_CASE("attention is deterministic across thread counts", "[kernels][attentio
 // N = 300 gives 5 tiles, the last one partial. Everything must agree to the bit.
 TEST_CASE("attention at B = 1, one kv head: bitwise the same for 1, 2 and 3 threads",
           "[kernels][attention]") {
-  const int B = 1, N = 300, Hq = 3, Hkv = 1, d = 24;
-  Rng rng(18);
-  auto qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
-  auto dout = rng.normals(size_t(B) * N * Hq * d);
-  auto run = [&](int threads) {
-    std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size(), 7.0f);
-    with_threads(threads, [&] {
-      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d);
-      cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
-                              Hq, Hkv, d);
-    });
-    out.insert(out.end(), lse.begin(), lse.end());
-    out.insert(out.end(), dqkv.begin(), dqkv.end());
-    return out;
-  };
-  const auto one = run(1);
-  CHECK(bitwise_equal(one, run(2)));
-  CHECK(bitwise_equal(one, run(3)));
+  const AttentionCase c(1, 300, 3, 1, 24, 18);
+  const auto one = c.run(1);
+  CHECK(bitwise_equal(one, c.run(2)));
+  CHECK(bitwise_equal(one, c.run(3)));
 }
 
 // The model passes its context's scratch, which holds whatever an earlier op left there. A scratch
 // full of NaNs, exactly as long as attention_*_scratch_floats says (guarded on both sides), must
 // give the bits of the calls that allocate their own: with 1 thread (fused backward schedule)
-// and with 2 (split).
+// and with 2 (split). One float short is refused before anything is written.
 TEST_CASE("attention in a caller's scratch: any contents, the declared size, the same bits",
           "[kernels][attention]") {
-  const int B = 1, N = 200, Hq = 4, Hkv = 1, d = 24;
-  Rng rng(19);
-  auto qkv = rng.normals(size_t(B) * N * (Hq + 2 * Hkv) * d);
-  auto dout = rng.normals(size_t(B) * N * Hq * d);
+  const AttentionCase c(1, 200, 4, 1, 24, 19);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int threads : {1, 2}) {
     INFO(threads << " threads");
+    Guarded fs(cpu::attention_forward_scratch_floats(c.B, c.N, c.Hq, c.Hkv, c.d, threads), nan);
+    Guarded bs(cpu::attention_backward_scratch_floats(c.B, c.N, c.Hq, c.Hkv, c.d, threads), nan);
+    CHECK(bitwise_equal(c.run(threads), c.run(threads, &fs, &bs)));
+    CHECK(fs.intact());
+    CHECK(bs.intact());
+    const auto whole = c.run(threads);
+    std::vector<float> out(whole.begin(), whole.begin() + c.dout.size());
+    std::vector<float> lse(whole.begin() + c.dout.size(), whole.end() - c.qkv.size());
+    std::vector<float> dqkv(c.qkv.size(), 7.0f);
     with_threads(threads, [&] {
-      std::vector<float> out(dout.size()), lse(size_t(B) * Hq * N), dqkv(qkv.size());
-      cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, N, Hq, Hkv, d);
-      cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, N,
-                              Hq, Hkv, d);
-      Guarded fs(cpu::attention_forward_scratch_floats(B, N, Hq, Hkv, d, threads), nan);
-      Guarded bs(cpu::attention_backward_scratch_floats(B, N, Hq, Hkv, d, threads), nan);
-      std::vector<float> out2(out.size()), lse2(lse.size()), dqkv2(dqkv.size());
-      cpu::attention_forward(out2.data(), lse2.data(), qkv.data(), B, N, Hq, Hkv, d, fs.data(),
-                             fs.size());
-      cpu::attention_backward(dqkv2.data(), dout.data(), qkv.data(), out2.data(), lse2.data(), B,
-                              N, Hq, Hkv, d, bs.data(), bs.size());
-      // one float short: refused, nothing written
-      CHECK_THROWS_WITH(cpu::attention_backward(dqkv2.data(), dout.data(), qkv.data(), out2.data(),
-                                                lse2.data(), B, N, Hq, Hkv, d, bs.data(),
+      CHECK_THROWS_WITH(cpu::attention_backward(dqkv.data(), c.dout.data(), c.qkv.data(), out.data(),
+                                                lse.data(), c.B, c.N, c.Hq, c.Hkv, c.d, bs.data(),
                                                 bs.size() - 1),
                         Catch::Contains("attention_backward: scratch of"));
-      CHECK(fs.intact());
-      CHECK(bs.intact());
-      CHECK(bitwise_equal(out, out2));
-      CHECK(bitwise_equal(lse, lse2));
-      CHECK(bitwise_equal(dqkv, dqkv2));
     });
+    CHECK(std::all_of(dqkv.begin(), dqkv.end(), [](float x) { return x == 7.0f; }));
   }
 }
 
